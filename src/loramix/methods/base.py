@@ -1,0 +1,86 @@
+"""What a method is: a preset of banks, router and losses over the shared mixture layer."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from loramix.routers import Router
+
+if TYPE_CHECKING:
+    from loramix.config import MixtureConfig
+
+
+class Method:
+    """A mixture method, described by class attributes and class methods (never instantiated).
+
+    Subclasses set ``name`` and override what differs from a plain LoRA of rank ``r * num_experts``.
+
+    Attributes:
+        name: the registered name used in ``MixtureConfig.method``.
+        default_aux_loss_weight: weight of the method's auxiliary loss when the config gives none.
+    """
+
+    name: ClassVar[str] = ""
+    default_aux_loss_weight: ClassVar[float] = 0.0
+
+    @classmethod
+    def validate(cls, config: MixtureConfig) -> None:
+        """Reject settings this method cannot honour (raise ``ConfigError`` naming the field)."""
+        from loramix.config import ConfigError
+
+        if config.method_options:
+            raise ConfigError(
+                f"MixtureConfig.method_options={config.method_options!r} is invalid: method {cls.name!r} "
+                "takes no options"
+            )
+
+    @classmethod
+    def bank_sizes(cls, config: MixtureConfig) -> tuple[int, int]:
+        """Rows of the A bank and columns of the B bank (K_A, K_B)."""
+        size = config.r * config.num_experts
+        return size, size
+
+    @classmethod
+    def a_index(cls, config: MixtureConfig) -> torch.Tensor | None:
+        """LongTensor[K_B] mapping each B column to the A row it pairs with, or ``None`` for identity."""
+        return None
+
+    @classmethod
+    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
+        """The router of one adapted layer."""
+        raise NotImplementedError
+
+    @classmethod
+    def aux_loss_weight(cls, config: MixtureConfig) -> float:
+        """Weight of the auxiliary loss added to the task loss."""
+        return cls.default_aux_loss_weight if config.aux_loss_weight is None else float(config.aux_loss_weight)
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(method: type[Method]) -> type[Method]:
+    """Class decorator adding a method to the registry under ``method.name``."""
+    if not method.name:
+        raise ValueError(f"{method.__name__} has no name")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> type[Method]:
+    """The method registered as ``name``.
+
+    Raises:
+        KeyError: no such method; the message lists the registered ones.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; available: {sorted(_REGISTRY)}") from None
+
+
+def available_methods() -> list[str]:
+    """Names of all registered methods."""
+    return sorted(_REGISTRY)

@@ -1,0 +1,24 @@
+"""``lora``: one LoRA of rank r shared by all tasks (the multi-task baseline)."""
+
+from __future__ import annotations
+
+from loramix.config import ConfigError, MixtureConfig
+from loramix.methods.base import Method, register_method
+from loramix.routers import ConstantRouter, Router
+
+
+@register_method
+class LoRA(Method):
+    """A single LoRA, ``h = W0 x + s B A x``, identical for every task; ``num_experts`` must be 1."""
+
+    name = "lora"
+
+    @classmethod
+    def validate(cls, config: MixtureConfig) -> None:
+        super().validate(config)
+        if config.num_experts != 1:
+            raise ConfigError(f"MixtureConfig.num_experts={config.num_experts} is invalid: 'lora' has 1 expert")
+
+    @classmethod
+    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
+        return ConstantRouter(config.r)

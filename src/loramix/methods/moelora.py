@@ -1,0 +1,25 @@
+"""``moelora``: MOELoRA (arXiv 2310.18339), experts mixed by a task-conditioned softmax gate.
+
+Each adapted layer holds E experts of rank r (``r`` is the rank of one expert: MOELoRA's total rank
+``r * E``), a task embedding table and a gate ``softmax(W_g e_t)``;
+``h = W0 x + s Σ_i g_i(t) B_i A_i x``. The gate depends on the task alone, so each task merges.
+loramix gives every adapted layer its own embedding and gate (the release's per-module layout), and keeps
+the ordinary (batch, seq, hidden) layout of any model (the release hard-coded ChatGLM's).
+"""
+
+from __future__ import annotations
+
+from loramix.config import MixtureConfig
+from loramix.methods.base import Method, register_method
+from loramix.routers import Router, TaskSoftmaxRouter
+
+
+@register_method
+class MOELoRA(Method):
+    """MOELoRA: task-gated mixture of E LoRA experts."""
+
+    name = "moelora"
+
+    @classmethod
+    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
+        return TaskSoftmaxRouter(config.num_tasks, config.num_experts, config.r, config.task_embedding_dim)
