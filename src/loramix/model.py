@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import re
 from collections.abc import Iterator
@@ -103,6 +104,7 @@ class MixtureModel(nn.Module):
         self.holder = ContextHolder()
         self.last_aux_losses: dict[str, torch.Tensor] = {}
         self.last_records: dict[str, Any] = {}
+        self._passes_task_ids = "task_ids" in inspect.signature(model.forward).parameters
         targets = find_target_modules(model, config)
         for param in model.parameters():
             param.requires_grad_(False)
@@ -192,6 +194,8 @@ class MixtureModel(nn.Module):
     def forward(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
         """Call the wrapped model with routing by ``task_ids`` (LongTensor[batch], or a list of ids/names).
 
+        A wrapped model whose ``forward`` takes ``task_ids`` itself (e.g. per-task heads) receives them too.
+
         When the call has labels, the method's weighted auxiliary losses are added to ``outputs.loss``; they
         are also in ``outputs["aux_losses"]`` and :attr:`last_aux_losses`, by name.
 
@@ -200,6 +204,8 @@ class MixtureModel(nn.Module):
                 batch.
         """
         context = self._context(task_ids, _batch_size(args, kwargs), kwargs.get("attention_mask"))
+        if self._passes_task_ids:
+            kwargs["task_ids"] = context.task_ids
         with self.holder.activate(context):
             outputs = self.base_model(*args, **kwargs)
         aux_loss = self._collect(context)
