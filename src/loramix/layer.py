@@ -71,6 +71,16 @@ class MixtureLinear(nn.Module):
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             self.lora_B.zero_()
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (models such as T5 read ``layer.weight`` for its dtype)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias."""
+        return self.base_layer.bias
+
     def paired_A(self) -> torch.Tensor:
         """The A rows paired with each B column, FloatTensor[K_B, d_in]."""
         return self.lora_A if self.a_index is None else self.lora_A[self.a_index]
