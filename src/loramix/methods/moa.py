@@ -1,0 +1,190 @@
+"""``moa``: Mixture-of-LoRAs (MoA, arXiv 2403.03432), one LoRA expert per domain and a sequence router.
+
+Each adapted layer holds E = ``num_tasks`` experts of rank r (expert e owns rows ``e*r:(e+1)*r`` of A and
+the same columns of B) and a :class:`DomainRouter`. ``task_ids`` are always the domain labels.
+
+Two routing modes, set by ``method_options["route_by"]`` (change it with :func:`loramix.moa.route_by`):
+
+- ``"label"``: each sequence uses its own domain's expert, like ``per_task_lora``. Stage 1 trains all
+  experts in one run this way; at inference a known domain overrides the router. The gate then depends
+  on the domain alone, so a domain merges into the base weights or exports as a PEFT LoRA.
+- ``"router"`` (default, stage 2 and inference): the router picks per sequence. When ``task_ids`` are
+  given they are only the router's training labels: η · CE(router logits, domain) is added to
+  ``aux_losses["router"]`` (η = ``aux_loss_weight``, default 1.0) and each layer's accuracy goes to
+  ``records``. Merging raises: the route depends on the input.
+
+Decisions where the paper is silent:
+
+- **One router per adapted module**, not one per transformer block: in this core a router belongs to its
+  layer. The q/k/v (and gate/up) projections of a block see the same input, so their routers are
+  redundant classifiers of the same features; each one's accuracy is reported.
+- **Pooling**: the layer input averaged over non-pad tokens (``context.mask_for``; all tokens when no mask
+  fits), detached, so the router's loss never reshapes the experts or earlier layers.
+- **Gate**: ``"top1"`` (default) uses the argmax expert with weight exactly 1 in the forward and a
+  straight-through gradient of its probability (the LM loss also teaches the router); ``"soft"`` weighs
+  every expert by its softmax probability.
+- **Generate**: the route chosen on the prompt is cached in ``context.cache[layer_name]`` and reused for
+  every decoding step, which sees a single token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loramix.config import ConfigError, MixtureConfig
+from loramix.context import RoutingContext
+from loramix.methods.base import Method, register_method
+from loramix.routers import Router
+
+ROUTE_BY = ("router", "label")
+GATES = ("top1", "soft")
+ROUTER_LOSS = "router"
+
+
+def pool_sequences(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of a layer input over each sequence's non-pad tokens.
+
+    Args:
+        x: FloatTensor[batch, seq, d_in] (or [batch, d_in], returned as is).
+        mask: LongTensor[batch, seq] (1 = real token) or ``None`` to average over all tokens.
+
+    Returns:
+        FloatTensor[batch, d_in].
+    """
+    if x.dim() == 2:
+        return x
+    if mask is None:
+        return x.mean(dim=1)
+    weights = mask.to(x.dtype).unsqueeze(-1)
+    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+class DomainRouter(Router):
+    """MoA's sequence-level router: a linear softmax classifier over domains on the pooled layer input.
+
+    Args:
+        in_features: d_in of the adapted layer.
+        num_domains: E, one expert per domain.
+        rank: r, components per expert.
+        route_by: ``"router"`` or ``"label"`` (see the module docstring).
+        gate: ``"top1"`` or ``"soft"``.
+    """
+
+    def __init__(self, in_features: int, num_domains: int, rank: int, route_by: str, gate: str) -> None:
+        super().__init__(num_domains * rank)
+        self.num_domains = num_domains
+        self.rank = rank
+        self.route_by = route_by
+        self.gate = gate
+        self.classifier = nn.Linear(in_features, num_domains)
+        nn.init.zeros_(self.classifier.weight)
+        nn.init.zeros_(self.classifier.bias)
+
+    @property
+    def task_only(self) -> bool:
+        """With ``route_by="label"`` the gate depends on the domain alone (mergeable)."""
+        return self.route_by == "label"
+
+    @property
+    def needs_task_ids(self) -> bool:
+        """Only label routing requires ``task_ids``; the router uses them as labels when given."""
+        return self.route_by == "label"
+
+    def expert_gates(self, experts: torch.Tensor) -> torch.Tensor:
+        """One-hot gates LongTensor[batch] -> FloatTensor[batch, E*r]."""
+        return F.one_hot(experts, self.num_domains).float().repeat_interleave(self.rank, dim=-1)
+
+    def logits(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Router logits FloatTensor[batch, E] of a layer input FloatTensor[batch, seq, d_in]."""
+        pooled = pool_sequences(x.detach(), mask).to(self.classifier.weight.dtype)
+        return self.classifier(pooled)
+
+    def forward(self, x: torch.Tensor, context: RoutingContext, layer_name: str) -> torch.Tensor:
+        """Gate FloatTensor[batch, E*r] for the layer input x of shape [batch, seq, d_in]."""
+        if self.route_by == "label":
+            return self.expert_gates(context.task_ids_for(x.shape[0])).to(x.dtype)
+        cached = context.cache.get(layer_name)
+        if cached is not None and cached.shape[0] == x.shape[0]:
+            return cached
+        seq_len = x.shape[1] if x.dim() > 2 else 1
+        logits = self.logits(x, context.mask_for(x.shape[0], seq_len))
+        probs = torch.softmax(logits.float(), dim=-1)
+        experts = probs.argmax(dim=-1)
+        if self.gate == "soft":
+            weights = probs
+        else:
+            chosen = probs.gather(1, experts[:, None])
+            weights = F.one_hot(experts, self.num_domains).float() * (chosen - chosen.detach() + 1.0)
+        gate = weights.repeat_interleave(self.rank, dim=-1).to(x.dtype)
+        self._record(context, layer_name, logits, experts)
+        context.cache[layer_name] = gate.detach()
+        return gate
+
+    def _record(
+        self, context: RoutingContext, layer_name: str, logits: torch.Tensor, experts: torch.Tensor
+    ) -> None:
+        record: dict[str, Any] = {"experts": experts.detach().cpu()}
+        if context.task_ids is not None:
+            labels = context.task_ids_for(logits.shape[0])
+            context.aux_losses[ROUTER_LOSS].append(F.cross_entropy(logits.float(), labels))
+            record["accuracy"] = float((experts == labels).float().mean())
+        context.records[layer_name] = record
+
+    def task_gate(self, task: int) -> torch.Tensor:
+        """The gate of one domain, FloatTensor[E*r]; only with ``route_by="label"``.
+
+        Raises:
+            TypeError: the router picks the expert from the input.
+        """
+        if not self.task_only:
+            raise TypeError(
+                "moa routes by its router, so a domain has no fixed weights; switch to label routing "
+                "(loramix.moa.route_by(model, 'label')) to merge or export a domain"
+            )
+        return self.expert_gates(torch.tensor([task], device=self.classifier.weight.device))[0]
+
+
+@register_method
+class MoA(Method):
+    """Mixture-of-LoRAs: E = T domain experts of rank r and a :class:`DomainRouter` per adapted layer.
+
+    ``method_options``: ``route_by`` (``"router"`` | ``"label"``, default ``"router"``) and ``gate``
+    (``"top1"`` | ``"soft"``, default ``"top1"``). ``num_experts`` must equal ``num_tasks``.
+    """
+
+    name = "moa"
+    default_aux_loss_weight = 1.0
+
+    @classmethod
+    def validate(cls, config: MixtureConfig) -> None:
+        unknown = sorted(set(config.method_options) - {"route_by", "gate"})
+        if unknown:
+            raise ConfigError(
+                f"MixtureConfig.method_options has unknown keys {unknown} for 'moa': "
+                "expected 'route_by' and 'gate'"
+            )
+        if config.method_options.get("route_by", "router") not in ROUTE_BY:
+            raise ConfigError(
+                f"MixtureConfig.method_options['route_by']={config.method_options['route_by']!r} is invalid: "
+                f"expected one of {ROUTE_BY}"
+            )
+        if config.method_options.get("gate", "top1") not in GATES:
+            raise ConfigError(
+                f"MixtureConfig.method_options['gate']={config.method_options['gate']!r} is invalid: "
+                f"expected one of {GATES}"
+            )
+        if config.num_experts != config.num_tasks:
+            raise ConfigError(
+                f"MixtureConfig.num_experts={config.num_experts} is invalid: 'moa' has one expert per domain "
+                f"(num_tasks={config.num_tasks})"
+            )
+
+    @classmethod
+    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
+        route_by = config.method_options.get("route_by", "router")
+        gate = config.method_options.get("gate", "top1")
+        return DomainRouter(in_features, config.num_tasks, config.r, route_by, gate)
