@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 from peft import PeftModel
-from tiny_models import ARCHITECTURES, TARGETS, batch, build, randomize_adapters
 
 from loramix import ConfigError, MixtureConfig, MixtureLinear, MixtureModel, get_mixture_model
+from tiny_models import ARCHITECTURES, TARGETS, batch, build, randomize_adapters
 
 NUM_TASKS = 3
 # float tolerance for two computations of the same function in a different order (merge, export, batching)

@@ -90,8 +90,10 @@ class MixtureLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         context = self.holder.current
         if self.merged_task is not None:
-            if context is not None and context.task_ids is not None and bool(
-                (context.task_ids != self.merged_task).any()
+            if (
+                context is not None
+                and context.task_ids is not None
+                and bool((context.task_ids != self.merged_task).any())
             ):
                 raise RuntimeError(
                     f"layer {self.layer_name} has task {self.merged_task} merged; unmerge before serving other tasks"

@@ -6,7 +6,6 @@ import copy
 import inspect
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +153,9 @@ class MixtureModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         """Print the trainable and total parameter counts, as PEFT does."""
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # ------------------------------------------------------------------ calls
     def _context(self, task_ids: Any, batch_size: int | None, attention_mask: Any) -> RoutingContext:
@@ -185,7 +186,9 @@ class MixtureModel(nn.Module):
         return next(iter(self.mixture_layers().values())).lora_A.device
 
     def _collect(self, context: RoutingContext) -> torch.Tensor | None:
-        self.last_aux_losses = {name: torch.stack(values).mean() for name, values in context.aux_losses.items() if values}
+        self.last_aux_losses = {
+            name: torch.stack(values).mean() for name, values in context.aux_losses.items() if values
+        }
         self.last_records = context.records
         if not self.last_aux_losses:
             return None
@@ -278,7 +281,9 @@ class MixtureModel(nn.Module):
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
-            raise ValueError(f"adapter weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"adapter weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         with torch.no_grad():
             for key, target in expected.items():
                 if target.shape != state[key].shape:
