@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up loramix in a local virtual environment (once), then run a command in it.
+#   bash scripts/run.sh demo        the main job: `loramix demo` on its defaults
+#   bash scripts/run.sh test        the test suite
+#   bash scripts/run.sh ARGS...     any other `loramix` command
+# The environment lives in $LORAMIX_VENV (default .venv). torch is installed first as the CPU build
+# pinned in $LORAMIX_TORCH (default torch==2.13.0), so no multi-GB CUDA build is pulled in.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${LORAMIX_VENV:-.venv}
+python=${PYTHON:-python3}
+if [ ! -x "$venv/bin/python" ]; then
+    echo "loramix: creating the virtual environment $venv" >&2
+    "$python" -m venv "$venv"
+fi
+py="$venv/bin/python"
+if ! "$py" -c "import torch" 2>/dev/null; then
+    echo "loramix: installing ${LORAMIX_TORCH:-torch==2.13.0} (CPU build)" >&2
+    "$py" -m pip install -q --disable-pip-version-check "${LORAMIX_TORCH:-torch==2.13.0}"
+fi
+stamp="$venv/.loramix-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "loramix: installing loramix and its dependencies" >&2
+    "$py" -m pip install -q --disable-pip-version-check -e ".[test,assets]"
+    touch "$stamp"
+fi
+command=${1:-demo}
+[ $# -gt 0 ] && shift
+case "$command" in
+    test) exec "$py" -m pytest -q "$@" ;;
+    *) exec "$venv/bin/loramix" "$command" "$@" ;;
+esac
