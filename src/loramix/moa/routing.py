@@ -1,0 +1,68 @@
+"""Switching an MoA model between label and router routing, and reading router accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from loramix.methods.moa import ROUTE_BY, DomainRouter
+from loramix.model import MixtureModel
+
+
+def domain_routers(model: MixtureModel) -> dict[str, DomainRouter]:
+    """The MoA router of every adapted layer, by layer name.
+
+    Raises:
+        TypeError: the model is not an MoA mixture.
+    """
+    if model.mixture_config.method != "moa":
+        raise TypeError(f"expected an 'moa' mixture, got method {model.mixture_config.method!r}")
+    return {name: layer.router for name, layer in model.mixture_layers().items()}
+
+
+def set_route_by(model: MixtureModel, mode: str) -> None:
+    """Route every layer by ``"label"`` (the given domain) or ``"router"``; saved with the model's config.
+
+    Raises:
+        ValueError: ``mode`` is not one of ``"router"``, ``"label"``.
+    """
+    if mode not in ROUTE_BY:
+        raise ValueError(f"route_by={mode!r} is invalid: expected one of {ROUTE_BY}")
+    for router in domain_routers(model).values():
+        router.route_by = mode
+    model.mixture_config.method_options["route_by"] = mode
+
+
+def current_route_by(model: MixtureModel) -> str:
+    """The routing mode in the model's config (``"router"`` unless set)."""
+    return model.mixture_config.method_options.get("route_by", "router")
+
+
+@contextmanager
+def route_by(model: MixtureModel, mode: str) -> Iterator[MixtureModel]:
+    """Route by ``mode`` inside a ``with`` block, then restore the previous mode.
+
+    Example::
+
+        with route_by(model, "label"):
+            model.generate(**prompts, task_ids=domains)  # a known domain overrides the router
+    """
+    previous = current_route_by(model)
+    set_route_by(model, mode)
+    try:
+        yield model
+    finally:
+        set_route_by(model, previous)
+
+
+def router_accuracy(records: Mapping[str, Any]) -> dict[str, float]:
+    """Per-layer router accuracy from a forward's ``records`` (``model.last_records``), by layer name.
+
+    Layers without an accuracy (no ``task_ids`` were given) are left out.
+    """
+    return {
+        name: record["accuracy"]
+        for name, record in records.items()
+        if isinstance(record, Mapping) and record.get("accuracy") is not None
+    }
