@@ -8,7 +8,7 @@ one for real multi-task data; :class:`TensorBatches` serves ready-made tensors (
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -105,3 +105,32 @@ class TensorBatches:
         """Continue from a state given by :meth:`state_dict`."""
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
+
+
+class SampledBatches:
+    """Batches of a dataset drawn by a resumable batch sampler and padded by a collator.
+
+    Args:
+        dataset: indexable items (``loramix.data.MultiTaskDataset``: features of encoded examples).
+        sampler: yields lists of indices for this rank and has ``state_dict``/``load_state_dict``
+            (``loramix.data.MultiTaskBatchSampler``).
+        collate: turns a list of items into a batch of tensors (``loramix.data.MultiTaskCollator``).
+    """
+
+    def __init__(self, dataset: Sequence[Any], sampler: Any, collate: Callable[[Sequence[Any]], Batch]) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
+        self.collate = collate
+
+    def __iter__(self) -> Iterator[Batch]:
+        indices: Iterable[list[int]] = self.sampler
+        for batch in indices:
+            yield self.collate([self.dataset[index] for index in batch])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's state."""
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the sampler's state."""
+        self.sampler.load_state_dict(state)
