@@ -255,3 +255,19 @@ def test_aux_losses_are_added_to_the_loss() -> None:
     torch.testing.assert_close(with_aux.loss, plain)
     torch.testing.assert_close(weighted.loss, plain + 0.3 * context_loss)
     assert float(weighted["aux_losses"]["probe"]) == 0.5
+
+
+def test_gradient_checkpointing_recomputes_with_the_same_routes() -> None:
+    _, plain = make("llama", "moelora")
+    _, checkpointed = make("llama", "moelora")
+    for mixture in (plain, checkpointed):
+        randomize_adapters(mixture)
+        mixture.train()
+    checkpointed.activation_checkpointing_enable()
+    inputs = batch("llama")
+    for mixture in (plain, checkpointed):
+        mixture(**inputs, labels=inputs["input_ids"], task_ids=TASKS).loss.backward()
+    grads = {name: p.grad for name, p in plain.named_parameters() if p.requires_grad}
+    for name, param in checkpointed.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, grads[name], **CLOSE)

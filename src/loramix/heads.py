@@ -37,6 +37,13 @@ class MultiTaskSequenceClassifier(nn.Module):
             persistent=False,
         )
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Checkpoint the encoder's layers (see ``MixtureModel.activation_checkpointing_enable``)."""
+        if hasattr(self.encoder, "activation_checkpointing_enable"):
+            self.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+        else:
+            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -156,6 +157,38 @@ class MixtureModel(nn.Module):
         print(
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """Turn on the wrapped model's activation (gradient) checkpointing, carrying routing into recomputation.
+
+        The backward pass recomputes checkpointed layers after the call's context has closed; loramix hands
+        ``torch.utils.checkpoint`` a ``context_fn`` that reopens the same context for the recomputation, so
+        every row is recomputed with its own route. Needs non-reentrant checkpointing (the default here).
+        Other keyword arguments go to the wrapped model's method unchanged.
+
+        Raises:
+            ValueError: ``use_reentrant=True`` was asked for.
+        """
+        options = dict(activation_checkpointing_kwargs or {})
+        if options.setdefault("use_reentrant", False):
+            raise ValueError("loramix needs use_reentrant=False to carry routing into recomputed layers")
+        options["context_fn"] = self._checkpoint_contexts
+        model = self.base_model
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """The older transformers name of :meth:`activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
+
+    def _checkpoint_contexts(self) -> tuple[Any, Any]:
+        context = self.holder.current
+        recompute = self.holder.activate(context) if context is not None else contextlib.nullcontext()
+        return contextlib.nullcontext(), recompute
 
     # ------------------------------------------------------------------ calls
     def _context(self, task_ids: Any, batch_size: int | None, attention_mask: Any) -> RoutingContext:
