@@ -163,7 +163,7 @@ def test_load_jsonl_errors_name_file_and_line(tmp_path, rows, kwargs, message):
         load_jsonl(path, **kwargs)
 
 
-def test_load_hf_dataset_from_disk(tmp_path):
+def test_load_hf_dataset_from_disk_and_hub(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     features = datasets.Features(
         {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
@@ -173,6 +173,17 @@ def test_load_hf_dataset_from_disk(tmp_path):
     task = load_hf_dataset(tmp_path / "sst", task="sst", text_field="sentence")
     assert task.labels == ("neg", "pos")
     assert [(example.text, example.label) for example in task.examples] == [("good", 1), ("bad", 0)]
+    with pytest.raises(DataError, match="has no split 'test'"):
+        load_hf_dataset(tmp_path / "sst", task="sst", split="test", text_field="sentence")
+    calls = []
+
+    def fake_load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return dataset
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    hub = load_hf_dataset("glue", task="sst2", config="sst2", split="validation", text_field="sentence")
+    assert calls == [("glue", "sst2", "validation")] and hub.name == "sst2" and len(hub.examples) == 2
 
 
 # ----------------------------------------------------------------------------- splits
