@@ -17,7 +17,6 @@ from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from loramix.model import MixtureModel
-from loramix.train.activations import enable_activation_checkpointing
 from loramix.train.batches import Batch, BatchSource
 from loramix.train.checkpoint import STATE_NAME, CheckpointManager, latest_checkpoint
 from loramix.train.logs import RunLogger
@@ -129,7 +128,7 @@ class Trainer:
         """
         seed_everything(self.settings.seed)
         if self.settings.gradient_checkpointing:
-            enable_activation_checkpointing(self.model)
+            self.model.activation_checkpointing_enable()
         checkpoint = self._resolve_resume(resume_from)
         start_stage = 0
         if checkpoint is not None:

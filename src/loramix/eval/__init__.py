@@ -1,0 +1,25 @@
+"""Evaluation: per-task metrics, routing summaries, reports (Markdown + JSON) and plots."""
+
+from loramix.eval.evaluate import evaluate_adapters, score_examples, validation_evaluator
+from loramix.eval.metrics import classification_scores, generation_scores, normalize_answer
+from loramix.eval.plots import matplotlib_available, plot_routing, plot_scores
+from loramix.eval.report import markdown_table, primary_metric, write_report
+from loramix.eval.routing import routed_experts, routing_summary, task_gates
+
+__all__ = [
+    "classification_scores",
+    "evaluate_adapters",
+    "generation_scores",
+    "markdown_table",
+    "matplotlib_available",
+    "normalize_answer",
+    "plot_routing",
+    "plot_scores",
+    "primary_metric",
+    "routed_experts",
+    "routing_summary",
+    "score_examples",
+    "task_gates",
+    "validation_evaluator",
+    "write_report",
+]

@@ -1,0 +1,102 @@
+"""PNG plots of evaluation results (matplotlib is optional and imported only here, lazily)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from loramix.eval.report import Scores, primary_metric
+
+
+def matplotlib_available() -> bool:
+    """Whether matplotlib can be imported (``pip install matplotlib`` or ``loramix[assets]``)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_scores(results: dict[str, Scores], path: str | Path) -> Path:
+    """Grouped bars: each task's primary metric (percent) for each run.
+
+    Args:
+        results: ``{run label: {task: {metric: value}}}``.
+        path: the PNG to write.
+    """
+    plt = _pyplot()
+    runs = list(results)
+    tasks: list[str] = []
+    for scores in results.values():
+        tasks.extend(task for task in scores if task not in tasks)
+    width = 0.8 / max(len(runs), 1)
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) * max(len(runs), 1) * 0.6 + 2), 4))
+    for offset, run in enumerate(runs):
+        metric = primary_metric(results[run])
+        values = [100 * results[run].get(task, {}).get(metric, float("nan")) for task in tasks]
+        positions = [index + (offset - (len(runs) - 1) / 2) * width for index in range(len(tasks))]
+        axis.bar(positions, values, width=width, label=f"{run} ({metric})")
+    axis.set_xticks(range(len(tasks)))
+    axis.set_xticklabels(tasks, rotation=30, ha="right")
+    axis.set_ylabel("score (%)")
+    axis.set_ylim(0, 100)
+    axis.set_title("Per-task scores by method")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def plot_routing(routing: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Heat maps of routing: one panel per task, adapted layers as rows, rank components (or experts) as columns.
+
+    Args:
+        routing: ``{"kind": "gate" | "experts", "tasks": {task: {layer: weights}}}`` (see
+            :func:`loramix.eval.routing.routing_summary`).
+        path: the PNG to write.
+        title: the figure's title (e.g. the run's name).
+    """
+    plt = _pyplot()
+    tasks = routing["tasks"]
+    columns = min(len(tasks), 4)
+    rows = math.ceil(len(tasks) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns + 1, 0.25 * _layer_count(tasks) * rows + 2),
+                                squeeze=False)
+    image = None
+    for axis, (task, layers) in zip(axes.flat, tasks.items(), strict=False):
+        names = list(layers)
+        matrix = [layers[name] for name in names]
+        image = axis.imshow(matrix, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        axis.set_title(task, fontsize="small")
+        axis.set_yticks(range(len(names)))
+        axis.set_yticklabels([_short(name) for name in names], fontsize=5)
+        axis.set_xlabel("rank component" if routing["kind"] == "gate" else "expert", fontsize="small")
+    for axis in list(axes.flat)[len(tasks) :]:
+        axis.axis("off")
+    if image is not None:
+        figure.colorbar(image, ax=axes, shrink=0.8, label="gate" if routing["kind"] == "gate" else "share routed")
+    figure.suptitle(title or "Routing by task and layer")
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def _layer_count(tasks: dict[str, dict[str, Any]]) -> int:
+    return max((len(layers) for layers in tasks.values()), default=1)
+
+
+def _short(name: str) -> str:
+    parts = name.split(".")
+    digits = [part for part in parts if part.isdigit()]
+    return ".".join([*digits, *parts[-2:]]) if digits else ".".join(parts[-2:])
