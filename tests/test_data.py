@@ -138,6 +138,15 @@ def test_load_jsonl_multi_task_file_with_generation_and_fields(tmp_path):
         load_jsonl(path)
 
 
+def test_load_jsonl_checks_tasks_and_labels_against_a_task_set(tmp_path):
+    tasks = TaskSet([("yesno", ["no", "yes"])])
+    path = write_jsonl(tmp_path / "t.jsonl", [{"task": "yesno", "text": "a", "label": "yes"}])
+    assert load_jsonl(path, task_set=tasks)["yesno"].examples[0].label == 1
+    path = write_jsonl(tmp_path / "t.jsonl", [{"task": "yesno", "text": "a", "label": 0}, {"task": "x", "text": "b"}])
+    with pytest.raises(DataError, match=r"t.jsonl:2: unknown task 'x'"):
+        load_jsonl(path, task_set=tasks)
+
+
 def test_load_jsonl_joins_text_fields_and_uses_given_labels(tmp_path):
     path = write_jsonl(tmp_path / "nli.jsonl", [{"premise": "a", "hypothesis": "b", "label": "yes"}])
     task = load_jsonl(path, task="nli", text_field=["premise", "hypothesis"], labels=["no", "yes"])["nli"]

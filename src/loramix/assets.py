@@ -226,13 +226,16 @@ def _download_bigbench(target: Path) -> None:
     print(f"loramix: downloading {BIGBENCH_SDIST} (about 360 MB) from {url}", file=sys.stderr)
     partial = target.with_name(target.name + ".part")
     digest = hashlib.sha256()
-    with urllib.request.urlopen(url, timeout=180) as response, open(partial, "wb") as out:
-        while chunk := response.read(1 << 20):
-            digest.update(chunk)
-            out.write(chunk)
-    if digest.hexdigest() != sha256:
-        partial.unlink()
-        raise AssetError(f"{url} does not match its sha256 {sha256}.")
+    try:
+        with urllib.request.urlopen(url, timeout=180) as response, open(partial, "wb") as out:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise AssetError(f"{url} does not match its sha256 {sha256}.")
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, target)
 
 

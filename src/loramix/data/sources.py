@@ -262,6 +262,7 @@ def _records_to_task_data(
     target_field: str,
     labels: Mapping[str, Sequence[str]] | Sequence[str] | None,
     source: str,
+    task_set: TaskSet | None = None,
 ) -> dict[str, TaskData]:
     """Shared record reader for JSONL files and Hugging Face datasets.
 
@@ -275,6 +276,8 @@ def _records_to_task_data(
         name = task if task is not None else record.get(task_field)
         if not name:
             raise DataError(f"{where}: missing field {task_field!r} (or pass task=...)")
+        if task_set is not None and name not in task_set:
+            raise DataError(f"{where}: unknown task {name!r}; known tasks: {task_set.names}")
         text = _field_text(record, text_field, where)
         label = record.get(label_field)
         target = record.get(target_field)
@@ -287,6 +290,8 @@ def _records_to_task_data(
     result: dict[str, TaskData] = {}
     for name, task_rows in rows.items():
         given = labels.get(name) if isinstance(labels, Mapping) else labels
+        if given is None and task_set is not None:
+            given = task_set.labels(name)
         with_label = [row for row in task_rows if row[2] is not None]
         if with_label and len(with_label) != len(task_rows):
             where = next(row[0] for row in task_rows if row[2] is None)
@@ -324,6 +329,7 @@ def load_jsonl(
     label_field: str = "label",
     target_field: str = "target",
     labels: Mapping[str, Sequence[str]] | Sequence[str] | None = None,
+    task_set: TaskSet | None = None,
 ) -> dict[str, TaskData]:
     """Read examples from a JSON Lines file: one object per line, blank lines skipped.
 
@@ -340,13 +346,14 @@ def load_jsonl(
         target_field: The generation target field.
         labels: Label names, for every task or per task; without them, string labels get their sorted
             distinct values and integer labels the names ``"0".."max"``.
+        task_set: When given, every line's task must be in it, and its label names are the default.
 
     Returns:
         The tasks found, by name, in order of first appearance.
 
     Raises:
-        DataError: Naming the file and line, for invalid JSON, a missing field, a label outside the
-            label set; naming the file when it holds no example.
+        DataError: Naming the file and line, for invalid JSON, a missing field, an unknown task, a label
+            outside the label set; naming the file when it holds no example.
     """
     path = Path(path)
 
@@ -370,6 +377,7 @@ def load_jsonl(
         target_field=target_field,
         labels=labels,
         source=str(path),
+        task_set=task_set,
     )
 
 
