@@ -50,7 +50,7 @@ class MixtureLinear(nn.Module):
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self.layer_name = name
         self.holder = holder
-        self.scale = config.scale
+        self.scale = method.scale(config)
         k_a, k_b = method.bank_sizes(config)
         weight = base_layer.weight
         self.lora_A = nn.Parameter(torch.empty(k_a, self.in_features, dtype=weight.dtype, device=weight.device))
@@ -81,9 +81,10 @@ class MixtureLinear(nn.Module):
         """The base layer's bias."""
         return self.base_layer.bias
 
-    def paired_A(self) -> torch.Tensor:
-        """The A rows paired with each B column, FloatTensor[K_B, d_in]."""
-        return self.lora_A if self.a_index is None else self.lora_A[self.a_index]
+    def paired_A(self, task: int | None = None) -> torch.Tensor:
+        """The A rows paired with each B column, FloatTensor[K_B, d_in] (after a task's transform, if any)."""
+        factor_a = self.lora_A if task is None else self.router.transform_task_A(self.lora_A, task)
+        return factor_a if self.a_index is None else factor_a[self.a_index]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``base(x) + s · B diag(g) A dropout(x)`` for x of shape [batch, ..., d_in]."""
@@ -99,8 +100,9 @@ class MixtureLinear(nn.Module):
                     f"layer {self.layer_name} has task {self.merged_task} merged; unmerge before serving other tasks"
                 )
             return result
-        gate = self.router(x, context if context is not None else RoutingContext(), self.layer_name)
-        hidden = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
+        routing = context if context is not None else RoutingContext()
+        gate = self.router(x, routing, self.layer_name)
+        hidden = self.router.transform(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), routing)
         if self.a_index is not None:
             hidden = hidden[..., self.a_index]
         if gate is None:
@@ -118,7 +120,7 @@ class MixtureLinear(nn.Module):
             TypeError: the method's gate does not depend on the task alone.
         """
         gate = self.router.task_gate(task).to(self.lora_B)
-        return (self.lora_B * (gate * self.scale)) @ self.paired_A()
+        return (self.lora_B * (gate * self.scale)) @ self.paired_A(task)
 
     def task_factors(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Plain LoRA factors of one task with the scale folded into B: (A_t [r_t, d_in], B_t [d_out, r_t]).
@@ -127,7 +129,7 @@ class MixtureLinear(nn.Module):
         """
         gate = self.router.task_gate(task).to(self.lora_B)
         keep = gate.nonzero().flatten()
-        return self.paired_A()[keep], self.lora_B[:, keep] * (gate[keep] * self.scale)
+        return self.paired_A(task)[keep], self.lora_B[:, keep] * (gate[keep] * self.scale)
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
         weight = self.base_layer.weight

@@ -257,6 +257,14 @@ class MixtureModel(nn.Module):
         with self.holder.activate(context):
             return self.base_model.generate(*args, **kwargs)
 
+    def step_end(self) -> None:
+        """Let every router update its non-learned state after an optimizer step (SMoRA's balance bias).
+
+        Training loops call it after ``optimizer.step()``; methods without such state do nothing.
+        """
+        for layer in self.mixture_layers().values():
+            layer.router.step_end()
+
     # ------------------------------------------------------------------ save / load
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything the adapter adds or trains (banks, routers, persistent buffers, modules to save)."""

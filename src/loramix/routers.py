@@ -38,6 +38,21 @@ class Router(nn.Module):
         """The gate of one task, FloatTensor[K]; only for routers with ``task_only``."""
         raise TypeError(f"{type(self).__name__} routes on the input, not on the task alone")
 
+    def transform(self, hidden: torch.Tensor, context: RoutingContext) -> torch.Tensor:
+        """Map the down-projection ``A x`` (FloatTensor[batch, ..., K_A]) before the gate; identity by default.
+
+        A method whose mixer is not diagonal (MTL-LoRA's per-task r × r matrix) overrides this and
+        :meth:`transform_task_A` together.
+        """
+        return hidden
+
+    def transform_task_A(self, lora_A: torch.Tensor, task: int) -> torch.Tensor:
+        """The A bank as task ``task`` sees it after :meth:`transform`, FloatTensor[K_A, d_in]."""
+        return lora_A
+
+    def step_end(self) -> None:
+        """Called by ``MixtureModel.step_end()`` after each optimizer step (e.g. SMoRA's bias update)."""
+
 
 class ConstantRouter(Router):
     """Every component always on: a plain LoRA shared by all tasks."""
@@ -107,3 +122,67 @@ class TaskSoftmaxRouter(Router):
         device = self.task_embedding.weight.device
         weights = self.expert_weights(torch.tensor([task], device=device))[0]
         return weights.repeat_interleave(self.rank)
+
+
+def token_mask(x: torch.Tensor, context: RoutingContext) -> torch.Tensor | None:
+    """BoolTensor of x's leading shape marking real (non-pad) tokens, or ``None`` when unknown."""
+    if x.dim() != 3:
+        return None
+    mask = context.mask_for(x.shape[0], x.shape[1])
+    return None if mask is None else mask.bool()
+
+
+def balance_loss(probs: torch.Tensor, chosen: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Switch-style load-balancing loss ``E · Σ_e f_e · P_e`` over real tokens.
+
+    Args:
+        probs: FloatTensor[..., E], router probabilities.
+        chosen: FloatTensor[..., E], 1 where a token is sent to an expert (k ones per token).
+        mask: BoolTensor of the leading shape, or ``None`` for all tokens.
+
+    Returns:
+        A scalar; 1.0 when routing is perfectly uniform.
+    """
+    num_experts = probs.shape[-1]
+    probs, chosen = probs.reshape(-1, num_experts), chosen.reshape(-1, num_experts)
+    if mask is not None:
+        keep = mask.reshape(-1)
+        probs, chosen = probs[keep], chosen[keep]
+    fraction = chosen.sum(0) / chosen.sum().clamp(min=1.0)
+    return num_experts * (fraction * probs.mean(0)).sum()
+
+
+class TokenSoftmaxRouter(Router):
+    """Per-token softmax over E experts (each r components), optionally top-k with renormalised weights.
+
+    Used by HydraLoRA (dense) and MixLoRA (top-k with a load-balancing loss in ``aux_losses["balance"]``).
+
+    Args:
+        in_features: d_in of the layer (the router reads the layer input).
+        num_experts: E.
+        rank: r, components per expert.
+        top_k: experts kept per token (``None``: all, dense).
+        balance: add the load-balancing loss in training.
+    """
+
+    task_only = False
+    needs_task_ids = False
+
+    def __init__(self, in_features: int, num_experts: int, rank: int, top_k: int | None, balance: bool) -> None:
+        super().__init__(num_experts * rank)
+        self.rank = rank
+        self.top_k = top_k if top_k is not None and top_k < num_experts else None
+        self.balance = balance
+        self.proj = nn.Linear(in_features, num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor, context: RoutingContext, layer_name: str) -> torch.Tensor:
+        probs = torch.softmax(self.proj(x).float(), dim=-1)
+        if self.top_k is None:
+            weights, chosen = probs, torch.ones_like(probs)
+        else:
+            top_values, top_index = probs.topk(self.top_k, dim=-1)
+            weights = torch.zeros_like(probs).scatter(-1, top_index, top_values / top_values.sum(-1, keepdim=True))
+            chosen = torch.zeros_like(probs).scatter(-1, top_index, 1.0)
+        if self.balance and self.training:
+            context.aux_losses["balance"].append(balance_loss(probs, chosen, token_mask(x, context)))
+        return weights.repeat_interleave(self.rank, dim=-1).to(x.dtype)

@@ -48,6 +48,11 @@ class Method:
         return None
 
     @classmethod
+    def scale(cls, config: MixtureConfig) -> float:
+        """The scale s of the layer's delta (``lora_alpha / r`` unless the method says otherwise)."""
+        return config.scale
+
+    @classmethod
     def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
         """The router of one adapted layer."""
         raise NotImplementedError

@@ -1,0 +1,33 @@
+"""``hydralora``: HydraLoRA (NeurIPS 2024), one shared down-projection A and E up-projection heads.
+
+``h = W0 x + s Σ_i w_i(x) B_i A x`` with a dense per-token softmax router ``w(x) = softmax(W_r x)``. The
+A bank has r rows (shared); the B bank has E·r columns, and ``a_index`` pairs head i's column q with A's
+row q. The route depends on the input, so a task cannot be merged or exported.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loramix.config import MixtureConfig
+from loramix.methods.base import Method, register_method
+from loramix.routers import Router, TokenSoftmaxRouter
+
+
+@register_method
+class HydraLoRA(Method):
+    """HydraLoRA: shared A, E B heads, dense token router."""
+
+    name = "hydralora"
+
+    @classmethod
+    def bank_sizes(cls, config: MixtureConfig) -> tuple[int, int]:
+        return config.r, config.r * config.num_experts
+
+    @classmethod
+    def a_index(cls, config: MixtureConfig) -> torch.Tensor:
+        return torch.arange(config.r).repeat(config.num_experts)
+
+    @classmethod
+    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
+        return TokenSoftmaxRouter(in_features, config.num_experts, config.r, top_k=config.top_k, balance=False)

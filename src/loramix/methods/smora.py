@@ -1,0 +1,93 @@
+"""``smora``: SMoRA, Single-ranked Mixture of Experts LoRA (arXiv 2501.15103; from its code).
+
+Every rank-1 component of one LoRA of rank R (``config.r``) is an expert. Per token::
+
+    g   = sigmoid(W_r x)                    ∈ R^R
+    s   = g + b                             (b: a non-learned balance bias)
+    idx = top-k(s)                          (k = ``top_k``, default 8)
+    ĝ_i = k · s_i / Σ_{j ∈ idx} s_j         for i ∈ idx, 0 elsewhere
+    h   = W0 x + (alpha / k) Σ_{i ∈ idx} ĝ_i B[:, i] A[i, :] x
+
+After each optimizer step (``MixtureModel.step_end()``), ``b_i += u · sign(mean count − count_i)`` over
+the tokens routed since the last step (u = ``method_options["bias_update_rate"]``, default 1e-5): load
+balance without an auxiliary loss. The bias is saved with the adapter. Token-level, so not mergeable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loramix.config import ConfigError, MixtureConfig
+from loramix.context import RoutingContext
+from loramix.methods.base import Method, register_method
+from loramix.routers import Router, token_mask
+
+DEFAULT_TOP_K = 8
+
+
+class RankRouter(Router):
+    """SMoRA's per-token top-k over rank-1 components with a balance bias."""
+
+    task_only = False
+    needs_task_ids = False
+
+    def __init__(self, in_features: int, rank: int, top_k: int, update_rate: float) -> None:
+        super().__init__(rank)
+        self.top_k = top_k
+        self.update_rate = update_rate
+        self.proj = nn.Linear(in_features, rank, bias=False)
+        self.register_buffer("balance_bias", torch.zeros(rank))
+        self.register_buffer("counts", torch.zeros(rank), persistent=False)
+
+    def forward(self, x: torch.Tensor, context: RoutingContext, layer_name: str) -> torch.Tensor:
+        scores = torch.sigmoid(self.proj(x).float()) + self.balance_bias
+        top_values, top_index = scores.topk(self.top_k, dim=-1)
+        weights = self.top_k * top_values / top_values.sum(-1, keepdim=True)
+        gate = torch.zeros_like(scores).scatter(-1, top_index, weights)
+        if self.training:
+            chosen = torch.zeros_like(scores).scatter(-1, top_index, 1.0)
+            mask = token_mask(x, context)
+            if mask is not None:
+                chosen = chosen[mask]
+            self.counts += chosen.reshape(-1, self.num_components).sum(0).detach()
+        return gate.to(x.dtype)
+
+    @torch.no_grad()
+    def step_end(self) -> None:
+        if self.counts.sum() > 0:
+            self.balance_bias += self.update_rate * torch.sign(self.counts.mean() - self.counts)
+        self.counts.zero_()
+
+
+@register_method
+class SMoRA(Method):
+    """SMoRA: each rank is an expert; top-k per token; bias-based load balance; scale alpha / k."""
+
+    name = "smora"
+
+    @classmethod
+    def validate(cls, config: MixtureConfig) -> None:
+        unknown = sorted(set(config.method_options) - {"bias_update_rate"})
+        if unknown:
+            raise ConfigError(f"MixtureConfig.method_options has unknown keys {unknown} for 'smora'")
+        if config.num_experts != 1:
+            raise ConfigError(
+                f"MixtureConfig.num_experts={config.num_experts} is invalid: 'smora' makes each of the r ranks an "
+                "expert; set r and leave num_experts at 1"
+            )
+        if cls.top_k(config) > config.r:
+            raise ConfigError(f"MixtureConfig.top_k={config.top_k} is invalid: at most r={config.r} for 'smora'")
+
+    @classmethod
+    def top_k(cls, config: MixtureConfig) -> int:
+        return min(DEFAULT_TOP_K, config.r) if config.top_k is None else config.top_k
+
+    @classmethod
+    def scale(cls, config: MixtureConfig) -> float:
+        return config.lora_alpha / cls.top_k(config)
+
+    @classmethod
+    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
+        rate = float(config.method_options.get("bias_update_rate", 1e-5))
+        return RankRouter(in_features, config.r, cls.top_k(config), rate)

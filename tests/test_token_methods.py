@@ -1,0 +1,215 @@
+"""HydraLoRA, MixLoRA, MoDE, SMoRA and MTL-LoRA against slow references written here, and on a tiny model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+
+from loramix import MixtureConfig, MixtureModel, get_mixture_model
+from loramix.config import ConfigError
+from loramix.context import ContextHolder, RoutingContext
+from loramix.layer import MixtureLinear
+from loramix.methods import get_method
+from tiny_models import TARGETS, batch, build, randomize_adapters
+
+D_IN, D_OUT, TASKS = 12, 10, 3
+
+
+def make_layer(**settings) -> tuple[MixtureLinear, ContextHolder]:
+    config = MixtureConfig(num_tasks=TASKS, **settings)
+    holder = ContextHolder()
+    torch.manual_seed(5)
+    layer = MixtureLinear(torch.nn.Linear(D_IN, D_OUT), config, get_method(config.method), holder, "layer")
+    with torch.no_grad():
+        for name, param in layer.named_parameters():
+            if not name.startswith("base_layer"):
+                param.normal_(0, 0.4)
+    return layer, holder
+
+
+def run(layer: MixtureLinear, holder: ContextHolder, x: torch.Tensor, **context) -> torch.Tensor:
+    with holder.activate(RoutingContext(**context)):
+        return layer(x)
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(2, 5, D_IN)
+
+
+def test_hydralora_matches_reference(x) -> None:
+    rank, heads = 3, 4
+    layer, holder = make_layer(method="hydralora", r=rank, num_experts=heads)
+    weights = torch.softmax(x @ layer.router.proj.weight.T, dim=-1)
+    shared = x @ layer.lora_A.T
+    delta = sum(weights[..., i : i + 1] * (shared @ layer.lora_B[:, i * rank : (i + 1) * rank].T) for i in range(heads))
+    torch.testing.assert_close(run(layer, holder, x), layer.base_layer(x) + (16 / rank) * delta)
+    assert layer.lora_A.shape == (rank, D_IN) and layer.lora_B.shape == (D_OUT, rank * heads)
+
+
+def test_mixlora_matches_reference_and_balances(x) -> None:
+    rank, experts = 2, 4
+    layer, holder = make_layer(method="mixlora", r=rank, num_experts=experts)
+    probs = torch.softmax(x @ layer.router.proj.weight.T, dim=-1)
+    expected = layer.base_layer(x).clone()
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            top = probs[b, t].topk(2)
+            for value, expert in zip(top.values / top.values.sum(), top.indices.tolist(), strict=True):
+                a = layer.lora_A[expert * rank : (expert + 1) * rank]
+                bank = layer.lora_B[:, expert * rank : (expert + 1) * rank]
+                expected[b, t] += (16 / rank) * value * (bank @ (a @ x[b, t]))
+    layer.train()
+    context = RoutingContext(attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
+    with holder.activate(context):
+        output = layer(x)
+    torch.testing.assert_close(output, expected)
+    keep = context.attention_mask.bool()
+    chosen = torch.zeros_like(probs).scatter(-1, probs.topk(2).indices, 1.0)[keep]
+    fraction = chosen.sum(0) / chosen.sum()
+    reference = experts * (fraction * probs[keep].mean(0)).sum()
+    torch.testing.assert_close(context.aux_losses["balance"][0], reference)
+
+
+def test_mode_matches_reference(x) -> None:
+    rank, experts = 3, 2
+    layer, holder = make_layer(method="mode", r=rank, num_experts=experts)
+    logits = (x @ layer.router.proj.weight.T).unflatten(-1, (rank, experts))
+    weights = torch.softmax(logits, dim=-1)
+    expected = layer.base_layer(x).clone()
+    for j in range(rank):
+        projection = x @ layer.lora_A[j]  # a_j · x
+        for i in range(experts):
+            column = layer.lora_B[:, i * rank + j]
+            expected += (16 / rank) * (weights[..., j, i] * projection)[..., None] * column
+    torch.testing.assert_close(run(layer, holder, x), expected)
+
+
+def test_smora_matches_reference_and_updates_bias(x) -> None:
+    rank, k = 6, 2
+    layer, holder = make_layer(method="smora", r=rank, top_k=k, lora_alpha=4)
+    with torch.no_grad():
+        layer.router.balance_bias.copy_(torch.linspace(-0.2, 0.2, rank))
+    scores = torch.sigmoid(x @ layer.router.proj.weight.T) + layer.router.balance_bias
+    expected = layer.base_layer(x).clone()
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            top = scores[b, t].topk(k)
+            for value, i in zip(top.values, top.indices.tolist(), strict=True):
+                gate = k * value / top.values.sum()
+                expected[b, t] += (4 / k) * gate * layer.lora_B[:, i] * (layer.lora_A[i] @ x[b, t])
+    layer.train()
+    torch.testing.assert_close(run(layer, holder, x), expected)
+    counts = layer.router.counts.clone()
+    assert counts.sum() == x.shape[0] * x.shape[1] * k
+    bias = layer.router.balance_bias.clone()
+    layer.router.step_end()
+    torch.testing.assert_close(layer.router.balance_bias, bias + 1e-5 * torch.sign(counts.mean() - counts))
+    assert layer.router.counts.sum() == 0
+
+
+def test_mtl_lora_matches_reference(x) -> None:
+    rank, ups = 3, 3
+    layer, holder = make_layer(method="mtl_lora", r=rank, num_experts=ups)
+    router = layer.router
+    tasks = torch.tensor([2, 0])
+    rows = []
+    for b, task in enumerate(tasks.tolist()):
+        weights = torch.softmax(router.task_logits[task] / 0.1, dim=0)
+        mixed_b = sum(weights[j] * layer.lora_B[:, j * rank : (j + 1) * rank] for j in range(ups))
+        delta = x[b] @ layer.lora_A.T @ router.task_transform[task].T @ mixed_b.T
+        rows.append(layer.base_layer(x[b]) + (16 / rank) * delta)
+    torch.testing.assert_close(run(layer, holder, x, task_ids=tasks), torch.stack(rows))
+    for task in range(TASKS):
+        expected = run(layer, holder, x, task_ids=torch.full((2,), task))
+        torch.testing.assert_close(layer.base_layer(x) + x @ layer.delta_weight(task).T, expected)
+
+
+TOKEN_METHODS = {
+    "hydralora": {"r": 2, "num_experts": 3},
+    "mixlora": {"r": 2, "num_experts": 4},
+    "mode": {"r": 2, "num_experts": 3},
+    "smora": {"r": 8, "top_k": 2},
+}
+
+
+def _mixture(method: str, settings: dict) -> tuple[torch.nn.Module, MixtureModel]:
+    base = build("llama")
+    reference = copy.deepcopy(base)
+    config = MixtureConfig(method=method, num_tasks=TASKS, target_modules=TARGETS["llama"], **settings)
+    return reference, get_mixture_model(base, config)
+
+
+@pytest.mark.parametrize("method", [*TOKEN_METHODS, "mtl_lora"])
+def test_trains_and_round_trips(method: str, tmp_path) -> None:
+    settings = TOKEN_METHODS.get(method, {"r": 2, "num_experts": 3})
+    reference, mixture = _mixture(method, settings)
+    inputs = batch("llama")
+    tasks = torch.tensor([0, 1, 2])
+    optimizer = torch.optim.AdamW([p for p in mixture.parameters() if p.requires_grad], lr=1e-2)
+    mixture.train()
+    losses = []
+    for _ in range(8):
+        loss = mixture(**inputs, labels=inputs["input_ids"], task_ids=tasks).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        mixture.step_end()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    mixture.eval()
+    expected = mixture(**inputs, task_ids=tasks).logits
+    mixture.save_pretrained(tmp_path)
+    restored = MixtureModel.from_pretrained(copy.deepcopy(reference), tmp_path)
+    torch.testing.assert_close(restored(**inputs, task_ids=tasks).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", list(TOKEN_METHODS))
+def test_token_methods_refuse_merge_and_export(method: str, tmp_path) -> None:
+    _, mixture = _mixture(method, TOKEN_METHODS[method])
+    with pytest.raises(TypeError, match="routes on the input"):
+        mixture.merge(0)
+    with pytest.raises(TypeError, match="routes on the input"):
+        mixture.export(tmp_path, task=0)
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_mtl_lora_merges_and_exports(diagonal: bool, tmp_path) -> None:
+    reference, mixture = _mixture("mtl_lora", {"r": 2, "num_experts": 3, "method_options": {"diagonal": diagonal}})
+    randomize_adapters(mixture)
+    mixture.eval()
+    inputs = batch("llama")
+    tasks = torch.full((3,), 1)
+    expected = mixture(**inputs, task_ids=tasks).logits
+    torch.testing.assert_close(mixture.merge(1)(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+    mixture.export(tmp_path, task=1)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path).eval()
+    torch.testing.assert_close(peft_model(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_smora_bias_is_saved(tmp_path) -> None:
+    reference, mixture = _mixture("smora", TOKEN_METHODS["smora"])
+    layer = next(iter(mixture.mixture_layers().values()))
+    with torch.no_grad():
+        layer.router.balance_bias.fill_(0.25)
+    mixture.save_pretrained(tmp_path)
+    restored = MixtureModel.from_pretrained(copy.deepcopy(reference), tmp_path)
+    assert torch.equal(next(iter(restored.mixture_layers().values())).router.balance_bias, layer.router.balance_bias)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"method": "smora", "r": 4, "top_k": 5}, "at most r=4"),
+        ({"method": "smora", "r": 4, "num_experts": 2}, "each of the r ranks an expert"),
+        ({"method": "mtl_lora", "method_options": {"temperature": 0}}, "temperature"),
+        ({"method": "mtl_lora", "method_options": {"tau": 1}}, "unknown keys"),
+    ],
+)
+def test_bad_options(settings: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        MixtureConfig(**settings)
