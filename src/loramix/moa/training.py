@@ -156,6 +156,29 @@ def _run(
     return losses
 
 
+def train_adapters(
+    model: MixtureModel,
+    domains: Mapping[int, Sequence[TokenizedExample]],
+    settings: StageSettings,
+    log: StepLogger | None = None,
+) -> list[float]:
+    """Train every adapter bank of any mixture (routing as configured) on domain-balanced batches.
+
+    The baseline loop of the MoA benchmark (one LoRA on all domains mixed) and the core of
+    :func:`train_experts`.
+
+    Args:
+        model: any mixture.
+        domains: tokenized examples by domain id.
+        settings: the stage's settings.
+        log: called with ``(step, {"lm_loss": ...})`` after every step.
+
+    Returns:
+        The loss of every step.
+    """
+    return _run(model, _streams(domains, settings), [{"params": _expert_banks(model)}], settings, False, None, log)
+
+
 def train_experts(
     model: MixtureModel,
     domains: Mapping[int, Sequence[TokenizedExample]],

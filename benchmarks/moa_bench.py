@@ -1,0 +1,424 @@
+"""MoA on SmolLM2-135M-Instruct over BIG-bench generation domains, against LoRA baselines.
+
+Runs (each writes ``<out>/<run>.json`` when it ends; a rerun skips runs whose JSON exists):
+
+- ``base``: the base model, no adapter.
+- ``lora_mixed``: one LoRA of rank r trained on the four domains mixed.
+- ``oracle``: MoA's stage-1 experts (one LoRA per domain, trained in one run) with the true domain label.
+- ``moa_router``: stage 2, the router picks each sequence's expert (top-1); router accuracy.
+- ``moa_soft``: the same routers with the soft gate (softmax weights over all experts).
+- ``moa_added``: after a fifth domain is added with :func:`loramix.moa.add_domain`; old domains' scores
+  before (``moa_router``) and after, the new domain's score, router accuracy over five domains.
+
+Metric: exact match of the greedy answer (first line, lower-cased, trailing period dropped) with any
+reference answer. Prompts are ``Q: {input}\\nA:``, answers `` {target}<eos>``, loss on answer tokens only.
+
+Usage::
+
+    python benchmarks/moa_bench.py              # full run (hours on 2 CPU cores)
+    python benchmarks/moa_bench.py --quick --out /tmp/moa_quick   # tiny model and data, < 60 s
+    python benchmarks/moa_bench.py --table      # benchmarks/results/moa_table.{md,json} from the JSONs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from loramix import MixtureConfig, MixtureModel, get_mixture_model
+from loramix.assets import bigbench_tasks_dir, cache_dir, smollm2_path
+from loramix.moa import StageSettings, add_domain, route_by, train_adapters, train_experts, train_routers
+
+RESULTS = Path(__file__).parent / "results"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# (domain name, BIG-bench task, subtasks or None for the task's own file)
+DOMAINS = [
+    ("arithmetic", "arithmetic", ["2_digit_addition", "2_digit_subtraction", "2_digit_multiplication"]),
+    ("unscramble", "word_unscrambling", None),
+    ("wikidata_qa", "qa_wikidata", None),
+    ("elements", "periodic_elements", ["subtask_0", "subtask_1"]),
+]
+NEW_DOMAIN = ("counting", "object_counting", None)
+RUN_ORDER = ["base", "oracle", "moa_router", "moa_added", "lora_mixed", "moa_soft"]
+Item = tuple[str, list[str]]
+
+
+@dataclass
+class Bench:
+    """Sizes of one benchmark run (the full defaults; ``--quick`` shrinks them)."""
+
+    quick: bool = False
+    train_per_domain: int = 120
+    test_per_domain: int = 50
+    max_length: int = 40
+    max_new_tokens: int = 8
+    rank: int = 8
+    lora_alpha: float = 16.0
+    stage1: StageSettings = None  # type: ignore[assignment]
+    stage2: StageSettings = None  # type: ignore[assignment]
+    new_expert: StageSettings = None  # type: ignore[assignment]
+    new_routers: StageSettings = None  # type: ignore[assignment]
+    replay_per_domain: int = 16
+    eval_batch: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        length = {"max_length": self.max_length, "seed": self.seed}
+        self.stage1 = self.stage1 or StageSettings(steps=50, per_domain_batch=2, lr=2e-3, **length)
+        self.stage2 = self.stage2 or StageSettings(steps=20, per_domain_batch=2, lr=5e-3, **length)
+        self.new_expert = self.new_expert or StageSettings(steps=40, per_domain_batch=4, lr=2e-3, **length)
+        self.new_routers = self.new_routers or StageSettings(steps=15, per_domain_batch=2, lr=5e-3, **length)
+
+
+def quick_bench() -> Bench:
+    """Tiny sizes for the test suite."""
+    tiny = StageSettings(steps=2, per_domain_batch=1, lr=1e-2, max_length=24)
+    return Bench(
+        quick=True, train_per_domain=4, test_per_domain=2, max_length=24, max_new_tokens=3, rank=2,
+        stage1=tiny, stage2=tiny, new_expert=tiny, new_routers=tiny, replay_per_domain=2, eval_batch=8,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_items(task: str, subtasks: Sequence[str] | None) -> list[Item]:
+    """(input, reference answers) of a BIG-bench task; multiple-choice items keep their best choice."""
+    root = bigbench_tasks_dir() / task
+    files = [root / sub / "task.json" for sub in subtasks] if subtasks else [root / "task.json"]
+    items: list[Item] = []
+    for file in files:
+        for example in json.loads(file.read_text())["examples"]:
+            target = example.get("target")
+            if target is None:
+                scores = example["target_scores"]
+                target = max(scores, key=scores.get)
+            answers = [target] if isinstance(target, str) else list(target)
+            if answers and all(answer.strip() for answer in answers):
+                items.append((example["input"].strip(), [answer.strip() for answer in answers]))
+    return items
+
+
+def prompt_of(text: str) -> str:
+    """The prompt of one input."""
+    return f"Q: {text}\nA:"
+
+
+def tokenize(tokenizer: Any, item: Item) -> dict[str, list[int]]:
+    """``input_ids`` (prompt + first answer + eos) and ``labels`` (-100 on the prompt)."""
+    prompt = tokenizer(prompt_of(item[0]), add_special_tokens=False)["input_ids"]
+    answer = tokenizer(" " + item[1][0], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
+
+
+def split_domain(name: str, items: list[Item], tokenizer: Any, bench: Bench) -> tuple[list, list[Item]]:
+    """Seeded train/test split of the items whose tokenized example fits ``max_length``."""
+    order = list(items)
+    random.Random(f"moa-bench/{name}/{bench.seed}").shuffle(order)
+    wanted = bench.test_per_domain + bench.train_per_domain
+    fitting: list[Item] = []
+    for item in order:
+        if len(fitting) == wanted:
+            break
+        if len(tokenize(tokenizer, item)["input_ids"]) <= bench.max_length:
+            fitting.append(item)
+    test = fitting[: bench.test_per_domain]
+    train = fitting[bench.test_per_domain : bench.test_per_domain + bench.train_per_domain]
+    return [tokenize(tokenizer, item) for item in train], test
+
+
+# ---------------------------------------------------------------------------------------------- model
+def load_base(bench: Bench, tokenizer: Any) -> torch.nn.Module:
+    """SmolLM2-135M-Instruct, or a tiny random Llama with the same tokenizer for ``--quick``."""
+    if bench.quick:
+        torch.manual_seed(bench.seed)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        return LlamaForCausalLM(config).eval()
+    return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32).eval()
+
+
+def mixture(bench: Bench, tokenizer: Any, method: str, num_domains: int) -> MixtureModel:
+    """A fresh mixture on a fresh base model."""
+    config = MixtureConfig(
+        method=method, target_modules=TARGETS, r=bench.rank, lora_alpha=bench.lora_alpha,
+        num_experts=1 if method == "lora" else num_domains, num_tasks=num_domains,
+    )
+    return get_mixture_model(load_base(bench, tokenizer), config)
+
+
+def left_padded(tokenizer: Any, items: Sequence[Item]) -> dict[str, torch.Tensor]:
+    """Prompts left-padded to one length: ``input_ids`` and ``attention_mask``, LongTensor[batch, seq]."""
+    prompts = [tokenizer(prompt_of(text), add_special_tokens=False)["input_ids"] for text, _ in items]
+    length = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), length), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompts):
+        input_ids[row, length - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, length - len(ids) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def normalize(text: str) -> str:
+    """First line, lower-cased, single-spaced, without a trailing period."""
+    line = text.strip().split("\n")[0].strip().lower()
+    return " ".join(line.split()).rstrip(".")
+
+
+@torch.no_grad()
+def exact_match(
+    model: torch.nn.Module, tokenizer: Any, tests: list[list[Item]], bench: Bench, use_labels: bool = False
+) -> list[float]:
+    """Greedy exact match per domain (domain i = ``tests[i]``); ``use_labels`` passes the domain ids."""
+    scores = []
+    for domain, items in enumerate(tests):
+        correct = 0
+        for start in range(0, len(items), bench.eval_batch):
+            chunk = items[start : start + bench.eval_batch]
+            inputs = left_padded(tokenizer, chunk)
+            if use_labels:
+                inputs["task_ids"] = torch.full((len(chunk),), domain, dtype=torch.long)
+            generated = model.generate(
+                **inputs, max_new_tokens=bench.max_new_tokens, do_sample=False,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+            texts = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            for text, (_, answers) in zip(texts, chunk, strict=True):
+                correct += normalize(text) in {normalize(answer) for answer in answers}
+        scores.append(correct / len(items))
+    return scores
+
+
+@torch.no_grad()
+def router_stats(model: MixtureModel, tokenizer: Any, tests: list[list[Item]], bench: Bench) -> dict[str, Any]:
+    """Router accuracy on the test prompts: per layer, mean/min over layers, and the layers' majority vote."""
+    hits: dict[str, int] = {}
+    votes_correct = 0
+    total = 0
+    for domain, items in enumerate(tests):
+        for start in range(0, len(items), bench.eval_batch):
+            chunk = items[start : start + bench.eval_batch]
+            labels = torch.full((len(chunk),), domain, dtype=torch.long)
+            model(**left_padded(tokenizer, chunk), task_ids=labels)
+            chosen = torch.stack([record["experts"] for record in model.last_records.values()])
+            for name, record in model.last_records.items():
+                hits[name] = hits.get(name, 0) + int((record["experts"] == labels).sum())
+            votes_correct += int((chosen.mode(dim=0).values == labels).sum())
+            total += len(chunk)
+    per_layer = {name: count / total for name, count in hits.items()}
+    return {
+        "mean_layer_accuracy": sum(per_layer.values()) / len(per_layer),
+        "min_layer_accuracy": min(per_layer.values()),
+        "vote_accuracy": votes_correct / total,
+        "per_layer": per_layer,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- runs
+class Runner:
+    """Builds the data once, trains what a run needs (caching adapters), writes one JSON per run."""
+
+    def __init__(self, bench: Bench, out: Path, adapters: Path) -> None:
+        self.bench = bench
+        self.out = out
+        self.adapters = adapters
+        path = str(smollm2_path())
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.names = [name for name, _, _ in DOMAINS]
+        self.train: list[list] = []
+        self.test: list[list[Item]] = []
+        for name, task, subtasks in [*DOMAINS, NEW_DOMAIN]:
+            train, test = split_domain(name, load_items(task, subtasks), self.tokenizer, bench)
+            self.train.append(train)
+            self.test.append(test)
+        self.logs: dict[str, list[float]] = {}
+
+    def _settings(self, settings: StageSettings) -> StageSettings:
+        return replace(settings, pad_token_id=self.tokenizer.pad_token_id)
+
+    def _log(self, tag: str) -> Callable[[int, dict[str, float]], None]:
+        def log(step: int, metrics: dict[str, float]) -> None:
+            self.logs.setdefault(tag, []).append(round(sum(metrics.values()), 4))
+            print(f"[{tag}] step {step} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+
+        return log
+
+    def _cached(self, tag: str, build: Callable[[], MixtureModel]) -> MixtureModel:
+        directory = self.adapters / tag
+        if (directory / "adapter_model.safetensors").is_file():
+            config = json.loads((directory / "adapter_config.json").read_text())
+            model = MixtureModel.from_pretrained(load_base(self.bench, self.tokenizer), directory)
+            print(f"[{tag}] loaded {directory} ({config['method']})", flush=True)
+            return model
+        start = time.time()
+        model = build()
+        model.eval()
+        model.save_pretrained(directory)
+        (directory / "train.json").write_text(json.dumps({"seconds": time.time() - start, "loss": self.logs}))
+        return model
+
+    def _train_seconds(self, tag: str) -> float | None:
+        path = self.adapters / tag / "train.json"
+        return json.loads(path.read_text())["seconds"] if path.is_file() else None
+
+    def lora_mixed(self) -> MixtureModel:
+        def build() -> MixtureModel:
+            model = mixture(self.bench, self.tokenizer, "lora", 4)
+            domains = dict(enumerate(self.train[:4]))
+            train_adapters(model, domains, self._settings(self.bench.stage1), self._log("lora_mixed"))
+            return model
+
+        return self._cached("lora_mixed", build)
+
+    def stage1(self) -> MixtureModel:
+        def build() -> MixtureModel:
+            model = mixture(self.bench, self.tokenizer, "moa", 4)
+            domains = dict(enumerate(self.train[:4]))
+            train_experts(model, domains, self._settings(self.bench.stage1), self._log("stage1"))
+            return model
+
+        return self._cached("stage1", build)
+
+    def stage2(self) -> MixtureModel:
+        def build() -> MixtureModel:
+            model = self.stage1()
+            model.requires_grad_(False)
+            domains = dict(enumerate(self.train[:4]))
+            train_routers(model, domains, self._settings(self.bench.stage2), self._log("stage2"))
+            return model
+
+        return self._cached("stage2", build)
+
+    def added(self) -> MixtureModel:
+        def build() -> MixtureModel:
+            model = self.stage2()
+            replay = {d: self.train[d][: self.bench.replay_per_domain] for d in range(4)}
+            add_domain(
+                model, self.train[4], replay, self._settings(self.bench.new_expert),
+                self._settings(self.bench.new_routers), log=self._log("added"),
+            )
+            return model
+
+        return self._cached("added", build)
+
+    def run(self, name: str) -> dict[str, Any]:
+        """Compute one run's result."""
+        tests, names = self.test[:4], self.names
+        result: dict[str, Any] = {"domains": names}
+        start = time.time()
+        if name == "base":
+            model = load_base(self.bench, self.tokenizer)
+            result["exact_match"] = exact_match(model, self.tokenizer, self.test, self.bench)
+            result["domains"] = [*names, NEW_DOMAIN[0]]
+        elif name == "lora_mixed":
+            result["exact_match"] = exact_match(self.lora_mixed(), self.tokenizer, tests, self.bench)
+            result["train_seconds"] = self._train_seconds("lora_mixed")
+        elif name == "oracle":
+            model = self.stage1()
+            with route_by(model, "label"):
+                result["exact_match"] = exact_match(model, self.tokenizer, tests, self.bench, use_labels=True)
+            result["train_seconds"] = self._train_seconds("stage1")
+        elif name in ("moa_router", "moa_soft"):
+            model = self.stage2()
+            if name == "moa_soft":
+                for layer in model.mixture_layers().values():
+                    layer.router.gate = "soft"
+            result["exact_match"] = exact_match(model, self.tokenizer, tests, self.bench)
+            result["router"] = router_stats(model, self.tokenizer, tests, self.bench)
+            result["train_seconds"] = self._train_seconds("stage2")
+        elif name == "moa_added":
+            model = self.added()
+            result["domains"] = [*names, NEW_DOMAIN[0]]
+            result["exact_match"] = exact_match(model, self.tokenizer, self.test, self.bench)
+            result["router"] = router_stats(model, self.tokenizer, self.test, self.bench)
+            with route_by(model, "label"):
+                result["exact_match_with_label"] = exact_match(
+                    model, self.tokenizer, self.test, self.bench, use_labels=True
+                )
+            result["train_seconds"] = self._train_seconds("added")
+        else:
+            raise ValueError(f"unknown run {name!r}; runs: {RUN_ORDER}")
+        result["eval_seconds"] = time.time() - start
+        result["settings"] = asdict(self.bench)
+        return result
+
+
+def run_all(bench: Bench, out: Path, adapters: Path, runs: Sequence[str]) -> None:
+    """Run every run in ``runs`` whose JSON is not yet in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [name for name in runs if not (out / f"{name}.json").is_file()]
+    if not todo:
+        return
+    runner = Runner(bench, out, adapters)
+    for name in todo:
+        print(f"=== {name}", flush=True)
+        result = runner.run(name)
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"=== {name}: {result['exact_match']}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- table
+def table(out: Path, command: str) -> str:
+    """Markdown table of the runs in ``out``; also writes ``moa_table.md`` and ``moa_table.json`` next to it."""
+    paths = {name: out / f"{name}.json" for name in RUN_ORDER}
+    results = {name: json.loads(path.read_text()) for name, path in paths.items() if path.is_file()}
+    names = [name for name, _, _ in DOMAINS] + [NEW_DOMAIN[0]]
+    rows = ["| run | " + " | ".join(names) + " | mean (4 old) | router acc. (vote / mean layer) | train s |"]
+    rows.append("|" + "---|" * (len(names) + 4))
+    for run, result in results.items():
+        scores = dict(zip(result["domains"], result["exact_match"], strict=True))
+        cells = [f"{100 * scores[name]:.0f}" if name in scores else "–" for name in names]
+        old = [scores[name] for name in names[:4]]
+        router = result.get("router")
+        router_cell = "–"
+        if router:
+            router_cell = f"{100 * router['vote_accuracy']:.0f} / {100 * router['mean_layer_accuracy']:.0f}"
+        seconds = result.get("train_seconds")
+        rows.append(
+            f"| {run} | " + " | ".join(cells) + f" | {100 * sum(old) / 4:.1f} | {router_cell} | "
+            + (f"{seconds:.0f}" if seconds else "–") + " |"
+        )
+        if "exact_match_with_label" in result:
+            label = dict(zip(result["domains"], result["exact_match_with_label"], strict=True))
+            cells = [f"{100 * label[name]:.0f}" for name in names]
+            old = [label[name] for name in names[:4]]
+            rows.append(f"| {run} (label) | " + " | ".join(cells) + f" | {100 * sum(old) / 4:.1f} | – | – |")
+    markdown = "\n".join(rows)
+    text = f"# MoA benchmark (exact match, %)\n\nCommand: `{command}`\n\n{markdown}\n"
+    target = out.parent if out.name == "moa" else out
+    (target / "moa_table.md").write_text(text)
+    (target / "moa_table.json").write_text(json.dumps({"command": command, "runs": results}, indent=2) + "\n")
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model and data (for tests)")
+    parser.add_argument("--table", action="store_true", help="only write the table from existing JSONs")
+    parser.add_argument("--out", type=Path, default=RESULTS / "moa", help="folder of the per-run JSONs")
+    parser.add_argument("--runs", nargs="*", default=RUN_ORDER, choices=RUN_ORDER)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = "python benchmarks/moa_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if not args.table:
+        bench = quick_bench() if args.quick else Bench()
+        adapters = args.out / "adapters" if args.quick else cache_dir() / "moa_bench"
+        run_all(bench, args.out, adapters, args.runs)
+    print(table(args.out, command))
+
+
+if __name__ == "__main__":
+    main()
