@@ -3,7 +3,8 @@
 Measures forward+backward of one adapted linear layer (d x d, batch x seq tokens) for 1, 4, 8 and 16
 experts at a fixed total rank (MOELoRA routing: a task gate per sequence), and one whole training step of a
 small Llama with the mixture on all linear layers. Every ratio compares timings taken in the same run,
-interleaved round by round so that load from other processes hits both sides alike.
+interleaved round by round; each side's time is its fastest round, the figure least disturbed by load
+from other processes on a shared machine.
 
     python benchmarks/layer_bench.py                 # d=1024, 2048 tokens, total rank 32
     python benchmarks/layer_bench.py --quick         # small sizes, for a smoke test
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,7 +57,7 @@ class ExpertLoop(nn.Module):
 
 
 def time_rounds(candidates: dict[str, Callable[[], None]], rounds: int, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each candidate, measured in interleaved rounds after one warm-up."""
+    """Seconds per call of each candidate: the fastest of interleaved rounds, after one warm-up."""
     for run in candidates.values():
         run()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
@@ -67,7 +67,7 @@ def time_rounds(candidates: dict[str, Callable[[], None]], rounds: int, repeats:
             for _ in range(repeats):
                 run()
             samples[name].append((time.perf_counter() - start) / repeats)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: min(values) for name, values in samples.items()}
 
 
 def forward_backward(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
@@ -203,7 +203,7 @@ def main() -> None:
     lines = [
         f"# Layer benchmark\n\n`{report['command']}` ({args.threads} threads, torch {torch.__version__})\n",
         f"Layer: d={layer_sizes['dim']}, {layer_sizes['batch'] * layer_sizes['seq']} tokens, total rank "
-        f"{layer_sizes['total_rank']}; forward+backward, median of {rounds} interleaved rounds.\n",
+        f"{layer_sizes['total_rank']}; forward+backward, fastest of {rounds} interleaved rounds.\n",
         "| experts | rank/expert | loramix ms | PEFT LoRA ms | loop ms | loramix / PEFT | loop / loramix |",
         "|---|---|---|---|---|---|---|",
     ]
