@@ -1,0 +1,122 @@
+"""The ``loramix`` command: ``train``, ``eval``, ``merge``, ``export`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from loramix.data import DataError
+from loramix.train.settings import RecipeError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from loramix.train import Recipe, train_recipe
+
+    recipe = Recipe.from_yaml(args.recipe)
+    if args.output_dir:
+        recipe.output_dir = args.output_dir
+    if args.max_steps:
+        recipe.training.max_steps = args.max_steps
+    resume = True if args.resume == "latest" else args.resume or False
+    _, state = train_recipe(recipe, resume=resume)
+    if state.metrics:
+        from loramix.eval import markdown_table
+
+        print(markdown_table({recipe.label: state.metrics}))
+    print(f"adapter: {Path(recipe.output_dir) / 'adapter'}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from loramix.eval import evaluate_adapters
+
+    outcome = evaluate_adapters(args.adapter, args.out, split=args.split, plots=not args.no_plots)
+    print(outcome["markdown"].read_text())
+    print(f"report: {outcome['markdown']} and {outcome['report']}")
+    for plot in outcome["plots"]:
+        print(f"plot: {plot}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from loramix.train import load_run
+    from loramix.train.export import save_merged
+
+    run = load_run(args.adapter)
+    save_merged(run, args.task, args.out)
+    print(f"merged model for task {args.task!r}: {args.out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from loramix.train import load_run
+    from loramix.train.export import resolve_task
+
+    run = load_run(args.adapter)
+    run.model.export(args.out, task=resolve_task(run, args.task))
+    run.tokenizer.save_pretrained(args.out)
+    print(f"PEFT LoRA adapter for task {args.task!r}: {args.out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from loramix.train.demo import run_demo
+
+    run_demo(args.recipe, args.out, max_steps=args.max_steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``loramix`` command."""
+    parser = argparse.ArgumentParser(prog="loramix", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train the run a YAML recipe describes")
+    train.add_argument("recipe", help="the recipe file")
+    train.add_argument("--output-dir", help="override the recipe's output_dir")
+    train.add_argument("--max-steps", type=int, help="override training.max_steps")
+    train.add_argument(
+        "--resume", nargs="?", const="latest", default=None,
+        help="continue from the latest checkpoint in the output directory, or from the one given",
+    )
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("eval", help="per-task report (Markdown + JSON) and plots of trained adapters")
+    evaluate.add_argument("--adapter", action="append", required=True, help="an adapter directory (repeatable)")
+    evaluate.add_argument("--out", required=True, help="where the report and plots go")
+    evaluate.add_argument("--split", choices=("test", "validation"), help="default: each recipe's eval.split")
+    evaluate.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    evaluate.set_defaults(handler=_eval)
+
+    for name, handler, text in (
+        ("merge", _merge, "save the base model with one task's adapter folded into its weights"),
+        ("export", _export, "write one task's adapter as a standard PEFT LoRA adapter"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--adapter", required=True, help="an adapter directory written by loramix train")
+        sub.add_argument("--task", required=True, help="the task's name (or id)")
+        sub.add_argument("--out", required=True, help="the output directory")
+        sub.set_defaults(handler=handler)
+
+    demo = commands.add_parser("demo", help="train MoRE and a shared LoRA on a small MoRE benchmark and compare")
+    demo.add_argument("--recipe", default=None, help="the demo recipe (default: the packaged demo.yaml)")
+    demo.add_argument("--out", default="runs/demo", help="where runs, report and plots go")
+    demo.add_argument("--max-steps", type=int, help="override the training steps of every method")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``loramix`` command; errors in recipes and data print one line and exit with status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (RecipeError, DataError, FileNotFoundError) as error:
+        print(f"loramix {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

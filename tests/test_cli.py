@@ -1,0 +1,157 @@
+"""The command line on tiny models: train, eval (report and plots), merge and export that load and match."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import yaml
+
+from loramix.cli import main
+from loramix.eval import matplotlib_available
+from loramix.train import load_run
+
+torch.set_num_threads(1)  # tiny models run fastest on one thread
+
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "rock", "fish"]
+
+
+def _write_data(path, generation: bool) -> None:
+    rng = random.Random(0)
+    lines = []
+    for index in range(48):
+        words = rng.sample(WORDS, 4)
+        if generation:
+            task = "copy" if index % 2 else "first"
+            target = " ".join(words) if task == "copy" else words[0]
+            lines.append({"task": task, "text": " ".join(words), "target": target})
+        else:
+            task = "colour" if index % 2 else "animal"
+            wanted = {"red", "blue", "green"} if task == "colour" else {"cat", "dog", "fish"}
+            label = "yes" if wanted & set(words) else "no"
+            lines.append({"task": task, "text": " ".join(words), "label": label})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def _recipe(tmp_path, generation: bool, **overrides) -> dict:
+    data_file = tmp_path / "data.jsonl"
+    _write_data(data_file, generation)
+    recipe = {
+        "name": "tiny",
+        "output_dir": str(tmp_path / "run"),
+        "model": {"name": "tiny-llama" if generation else "tiny-bert",
+                  "task_type": "generation" if generation else "classification", "max_length": 32},
+        "mixture": {"method": "moelora", "r": 2, "num_experts": 2, "target_modules": ["q_proj", "v_proj"]
+                    if generation else ["query", "value"]},
+        "data": {"tasks": [{"jsonl": str(data_file), "labels": ["no", "yes"]} if not generation
+                           else {"jsonl": str(data_file)}], "validation": 4, "test": 6},
+        "training": {"max_steps": 4, "batch_size": 4, "learning_rate": 1e-2, "log_every": 2, "eval_every": 2,
+                     "progress_bar": False, "mixed_precision": "no"},
+        "eval": {"batch_size": 8, "max_new_tokens": 4},
+    }
+    recipe.update(overrides)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def classification_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("classification")
+    assert main(["train", str(_recipe(tmp_path, generation=False))]) == 0
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def generation_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("generation")
+    assert main(["train", str(_recipe(tmp_path, generation=True)), "--max-steps", "3"]) == 0
+    return tmp_path
+
+
+def test_train_writes_adapter_logs_and_checkpoint(classification_run, capsys):
+    run_dir = classification_run / "run"
+    assert (run_dir / "adapter" / "recipe.yaml").is_file()
+    assert (run_dir / "checkpoint-00000004" / "trainer_state.json").is_file()
+    kinds = [json.loads(line)["kind"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert kinds.count("train") == 2 and kinds.count("eval") == 2
+    assert main(["train", str(classification_run / "recipe.yaml"), "--resume"]) == 0
+
+
+def test_eval_writes_report_and_plots(classification_run, tmp_path):
+    adapter = classification_run / "run" / "adapter"
+    assert main(["eval", "--adapter", str(adapter), "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["results"]["tiny"]) == {"animal", "colour"}
+    assert report["results"]["tiny"]["colour"]["count"] == 6
+    assert report["routing"]["tiny"]["kind"] == "gate"
+    assert "| colour |" in (tmp_path / "report.md").read_text()
+    if matplotlib_available():
+        assert (tmp_path / "scores.png").stat().st_size > 0 and (tmp_path / "routing_tiny.png").stat().st_size > 0
+
+
+def test_merged_classifier_matches_the_mixture(classification_run, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    adapter = classification_run / "run" / "adapter"
+    assert main(["merge", "--adapter", str(adapter), "--task", "colour", "--out", str(tmp_path)]) == 0
+    run = load_run(adapter)
+    batch = run.tokenizer(["red cat sun tree", "dog moon rock fish"], return_tensors="pt", padding=True)
+    task = run.task_set.task_id("colour")
+    with torch.no_grad():
+        expected = run.model(**batch, task_ids=torch.tensor([task, task])).logits
+        encoder = AutoModel.from_pretrained(tmp_path).eval()
+        hidden = encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        head = load_file(str(tmp_path / "task_head.safetensors"))
+        logits = ((hidden * mask).sum(1) / mask.sum(1)) @ head["weight"].T + head["bias"]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "task_head.json").read_text())["labels"] == ["no", "yes"]
+
+
+def test_export_and_merge_of_a_causal_lm_match(generation_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = generation_run / "run" / "adapter"
+    assert main(["export", "--adapter", str(adapter), "--task", "copy", "--out", str(tmp_path / "peft")]) == 0
+    assert main(["merge", "--adapter", str(adapter), "--task", "1", "--out", str(tmp_path / "merged")]) == 0
+    run = load_run(adapter)
+    task = run.task_set.task_id("copy")
+    assert task == 1
+    inputs = run.tokenizer(["red cat sun tree"], return_tensors="pt")
+    with torch.no_grad():
+        expected = run.model(**inputs, task_ids=torch.tensor([task])).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-4, atol=1e-5)
+        peft_model = PeftModel.from_pretrained(_fresh_base(run), tmp_path / "peft").eval()
+        torch.testing.assert_close(peft_model(**inputs).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def _fresh_base(run):
+    from loramix.train.build import load_base_model
+
+    return load_base_model(run.recipe.model, run.tokenizer, None)
+
+
+def test_generation_eval_reports_exact_match(generation_run, tmp_path):
+    adapter = generation_run / "run" / "adapter"
+    assert main(["eval", "--adapter", str(adapter), "--out", str(tmp_path), "--no-plots", "--split", "validation"]) == 0
+    results = json.loads((tmp_path / "report.json").read_text())["results"]["tiny"]
+    assert set(results) == {"first", "copy"} and all("exact_match" in scores for scores in results.values())
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_bad_recipe_key_is_named(tmp_path, capsys):
+    path = _recipe(tmp_path, generation=False, trainig={"max_steps": 1})
+    assert main(["train", str(path)]) == 2
+    assert "trainig" in capsys.readouterr().err
+    text = yaml.safe_load(path.read_text())
+    del text["trainig"]
+    text["training"]["lr"] = 1.0
+    path.write_text(yaml.safe_dump(text))
+    assert main(["train", str(path)]) == 2
+    assert "unknown key(s) ['lr'] in training" in capsys.readouterr().err
