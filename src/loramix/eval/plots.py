@@ -40,7 +40,7 @@ def plot_scores(results: dict[str, Scores], path: str | Path) -> Path:
     for scores in results.values():
         tasks.extend(task for task in scores if task not in tasks)
     width = 0.8 / max(len(runs), 1)
-    figure, axis = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) * max(len(runs), 1) * 0.6 + 2), 4))
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.7 * len(tasks) * max(len(runs), 1) + 2), 4), layout="constrained")
     for offset, run in enumerate(runs):
         metric = primary_metric(results[run])
         values = [100 * results[run].get(task, {}).get(metric, float("nan")) for task in tasks]
@@ -52,7 +52,6 @@ def plot_scores(results: dict[str, Scores], path: str | Path) -> Path:
     axis.set_ylim(0, 100)
     axis.set_title("Per-task scores by method")
     axis.legend(fontsize="small")
-    figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return Path(path)
@@ -71,8 +70,8 @@ def plot_routing(routing: dict[str, Any], path: str | Path, title: str = "") -> 
     tasks = routing["tasks"]
     columns = min(len(tasks), 4)
     rows = math.ceil(len(tasks) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns + 1, 0.25 * _layer_count(tasks) * rows + 2),
-                                squeeze=False)
+    size = (3.2 * columns + 1.5, 0.3 * _layer_count(tasks) * rows + 2.5)
+    figure, axes = plt.subplots(rows, columns, figsize=size, squeeze=False, layout="constrained")
     image = None
     for axis, (task, layers) in zip(axes.flat, tasks.items(), strict=False):
         names = list(layers)
