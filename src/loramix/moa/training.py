@@ -146,6 +146,7 @@ def _run(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            model.step_end()
             if after_step is not None:
                 after_step()
             losses.append(float(loss.detach()))
