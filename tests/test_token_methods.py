@@ -129,11 +129,41 @@ def test_mtl_lora_matches_reference(x) -> None:
         torch.testing.assert_close(layer.base_layer(x) + x @ layer.delta_weight(task).T, expected)
 
 
+def test_malora_matches_reference(x) -> None:
+    experts, rank, subspace = 4, 2, 4
+    layer, holder = make_layer(method="malora", r=rank, num_experts=experts, method_options={"subspace_rank": subspace})
+    wide = rank + (rank * experts - subspace) // experts
+    assert layer.lora_A.shape == (subspace, D_IN) and layer.lora_B.shape == (D_OUT, experts * wide)
+    probs = torch.softmax(x @ layer.router.proj.weight.T, dim=-1)
+    shared = x @ layer.lora_A.T
+    expected = layer.base_layer(x).clone()
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            top = probs[b, t].topk(2)
+            for value, e in zip(top.values / top.values.sum(), top.indices.tolist(), strict=True):
+                projection = layer.router.expert_proj[e * wide : (e + 1) * wide]
+                up = layer.lora_B[:, e * wide : (e + 1) * wide]
+                expected[b, t] += (16 / wide) * value * (up @ (projection @ shared[b, t]))
+    torch.testing.assert_close(run(layer, holder, x), expected)
+
+
+def test_malora_sizes_and_svd_init() -> None:
+    config = MixtureConfig(method="malora", r=8, num_experts=8, method_options={"subspace_rank": 32})
+    layer = MixtureLinear(torch.nn.Linear(64, 16), config, get_method("malora"), ContextHolder(), "layer")
+    assert layer.lora_A.shape == (32, 64) and layer.lora_B.shape == (16, 8 * 12)  # r̄ = 12, as in the paper
+    assert torch.count_nonzero(layer.lora_B) == 0
+    assert layer.scale == 16 / 12
+    rows = layer.router.expert_proj @ layer.lora_A  # each expert's P_t S_A: a rank-32 approximation
+    assert torch.linalg.matrix_rank(rows) == 32
+    torch.testing.assert_close(layer.lora_A @ layer.lora_A.T, torch.eye(32), atol=1e-5, rtol=0)
+
+
 TOKEN_METHODS = {
     "hydralora": {"r": 2, "num_experts": 3},
     "mixlora": {"r": 2, "num_experts": 4},
     "mode": {"r": 2, "num_experts": 3},
     "smora": {"r": 8, "top_k": 2},
+    "malora": {"r": 2, "num_experts": 4},
 }
 
 

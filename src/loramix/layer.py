@@ -63,13 +63,15 @@ class MixtureLinear(nn.Module):
         self.reset_lora_parameters(config.init_lora_weights, config.r)
 
     def reset_lora_parameters(self, init: str, rank: int) -> None:
-        """A Kaiming-uniform (or normal, std 1/r) and B zero, so the delta starts at zero."""
+        """A Kaiming-uniform (or normal, std 1/r) and B zero, so the delta starts at zero; then the router's
+        own initialisation of the banks, if its method has one."""
         with torch.no_grad():
             if init == "gaussian":
                 nn.init.normal_(self.lora_A, std=1.0 / rank)
             else:
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             self.lora_B.zero_()
+            self.router.reset_banks(self.lora_A, self.lora_B)
 
     @property
     def weight(self) -> torch.Tensor:

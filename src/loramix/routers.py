@@ -50,6 +50,9 @@ class Router(nn.Module):
         """The A bank as task ``task`` sees it after :meth:`transform`, FloatTensor[K_A, d_in]."""
         return lora_A
 
+    def reset_banks(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        """Re-initialise the banks in place after the default init (MALoRA's SVD init); nothing by default."""
+
     def step_end(self) -> None:
         """Called by ``MixtureModel.step_end()`` after each optimizer step (e.g. SMoRA's bias update)."""
 
@@ -176,7 +179,7 @@ class TokenSoftmaxRouter(Router):
         self.proj = nn.Linear(in_features, num_experts, bias=False)
 
     def forward(self, x: torch.Tensor, context: RoutingContext, layer_name: str) -> torch.Tensor:
-        probs = torch.softmax(self.proj(x).float(), dim=-1)
+        probs = torch.softmax(self.proj(x.to(self.proj.weight.dtype)).float(), dim=-1)
         if self.top_k is None:
             weights, chosen = probs, torch.ones_like(probs)
         else:

@@ -3,6 +3,7 @@
 from loramix.methods import (  # noqa: F401  (registration)
     hydralora,
     lora,
+    malora,
     mixlora,
     moa,
     mode,

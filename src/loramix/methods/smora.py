@@ -41,7 +41,7 @@ class RankRouter(Router):
         self.register_buffer("counts", torch.zeros(rank), persistent=False)
 
     def forward(self, x: torch.Tensor, context: RoutingContext, layer_name: str) -> torch.Tensor:
-        scores = torch.sigmoid(self.proj(x).float()) + self.balance_bias
+        scores = torch.sigmoid(self.proj(x.to(self.proj.weight.dtype)).float()) + self.balance_bias
         top_values, top_index = scores.topk(self.top_k, dim=-1)
         weights = self.top_k * top_values / top_values.sum(-1, keepdim=True)
         gate = torch.zeros_like(scores).scatter(-1, top_index, weights)
