@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
@@ -28,6 +29,11 @@ from loramix.train.settings import RecipeError, StageSettings, TrainingSettings
 BatchFactory = Callable[[StageSettings, int, int], BatchSource]
 Evaluator = Callable[[MixtureModel], dict[str, dict[str, float]]]
 ADAPTER_DIR = "adapter"
+
+
+def _distributed_on_cpu() -> bool:
+    """Launched as several processes (torchrun, accelerate launch) on a machine without CUDA."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -104,6 +110,7 @@ class Trainer:
         self.state = TrainerState()
         self.candidates = [name for name, param in model.named_parameters() if param.requires_grad]
         self.accelerator = Accelerator(
+            cpu=_distributed_on_cpu(),
             mixed_precision=resolve_mixed_precision(settings.mixed_precision),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=settings.find_unused_parameters)],
         )

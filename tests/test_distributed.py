@@ -1,0 +1,78 @@
+"""Two processes (gloo, CPU, launched by torchrun) reach the losses of one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from loramix.train import Trainer, TrainingSettings
+from train_fixtures import batch_factory, classification_examples, classifier
+
+TESTS = Path(__file__).resolve().parent
+STEPS = 4
+GLOBAL_BATCH = 8
+
+WORKER = textwrap.dedent(
+    f"""
+    import json, sys
+    import torch
+    from train_fixtures import batch_factory, classification_examples, classifier
+    from loramix.train import Trainer, TrainingSettings
+
+    settings = TrainingSettings(
+        max_steps={STEPS}, batch_size={GLOBAL_BATCH // 4}, gradient_accumulation_steps=2, learning_rate=1e-2,
+        save_every=2, log_every=1, progress_bar=False, mixed_precision="no",
+    )
+    model = classifier()
+    trainer = Trainer(model, settings, batch_factory(classification_examples(32), {GLOBAL_BATCH // 4}), sys.argv[1])
+    state = trainer.train()
+    if trainer.accelerator.is_main_process:
+        weights = {{key: value.tolist() for key, value in model.adapter_state_dict().items()}}
+        losses = [record["loss"] for record in state.history]
+        with open(sys.argv[2], "w") as handle:
+            json.dump({{"losses": losses, "weights": weights, "world": trainer.accelerator.num_processes}}, handle)
+    """
+)
+
+
+def _single_process(directory) -> tuple[list[float], dict[str, torch.Tensor]]:
+    settings = TrainingSettings(
+        max_steps=STEPS, batch_size=GLOBAL_BATCH, learning_rate=1e-2, progress_bar=False, mixed_precision="no"
+    )
+    model = classifier()
+    state = Trainer(model, settings, batch_factory(classification_examples(32), GLOBAL_BATCH), directory).train()
+    return [record["loss"] for record in state.history], model.adapter_state_dict()
+
+
+def test_two_processes_match_one(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    result_file = tmp_path / "result.json"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        str(script), str(tmp_path / "run"), str(result_file),
+    ]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    if completed.returncode != 0:
+        pytest.fail(f"torchrun failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}")
+    result = json.loads(result_file.read_text())
+    assert result["world"] == 2
+
+    losses, weights = _single_process(tmp_path / "single")
+    assert result["losses"] == pytest.approx(losses, rel=1e-5)
+    for key, value in weights.items():
+        torch.testing.assert_close(torch.tensor(result["weights"][key]), value, rtol=1e-4, atol=1e-6)
+    checkpoint = tmp_path / "run" / f"checkpoint-{STEPS:08d}"
+    assert (checkpoint / "rank_state_0.json").is_file() and (checkpoint / "rank_state_1.json").is_file()
