@@ -263,6 +263,7 @@ class Trainer:
             params = [param for param in self.model.parameters() if param.requires_grad]
             accelerator.clip_grad_norm_(params, self.settings.max_grad_norm)
         optimizer.step()
+        self.model.step_end()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         means = {"loss": torch.stack(losses).mean()}
