@@ -32,14 +32,14 @@ def test_trainer_optimises_task_loss_plus_aux_losses(tmp_path):
     batch = stack_examples(examples[:16])
     model.train()
     torch.manual_seed(0)
-    loss = trainer.compute_loss(model, dict(batch))
+    loss = trainer.compute_loss(model, dict(batch)).detach()
     aux = {name: value.detach() for name, value in model.last_aux_losses.items()}
     assert set(aux) == {"contrastive"} and float(aux["contrastive"]) > 0
     model.eval()
     with torch.no_grad():
         logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
     task_loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
-    assert float(loss) == pytest.approx(float(task_loss + 0.1 * aux["contrastive"]), rel=1e-4)
+    assert loss.item() == pytest.approx(float(task_loss + 0.1 * aux["contrastive"]), rel=1e-4)
 
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
