@@ -63,11 +63,18 @@ def time_rounds(candidates: dict[str, Callable[[], None]], rounds: int, repeats:
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, run in candidates.items():
+            _synchronize()
             start = time.perf_counter()
             for _ in range(repeats):
                 run()
+            _synchronize()
             samples[name].append((time.perf_counter() - start) / repeats)
     return {name: min(values) for name, values in samples.items()}
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.get_default_device().type == "cuda":
+        torch.cuda.synchronize()
 
 
 def forward_backward(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
@@ -177,10 +184,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (larger sizes on cuda)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.quick:
+    torch.set_default_device(args.device)
+    if args.device == "cuda":
+        layer_sizes = {"dim": 4096, "batch": 8, "seq": 1024, "total_rank": 64}
+        llama_sizes = {"hidden": 1024, "layers": 8, "batch": 8, "seq": 512}
+        rounds, expert_counts = 10, (1, 4, 8, 16)
+    elif args.quick:
         layer_sizes = {"dim": 128, "batch": 2, "seq": 32, "total_rank": 16}
         llama_sizes = {"hidden": 64, "layers": 2, "batch": 2, "seq": 32}
         rounds, expert_counts = 3, (1, 4, 8, 16)
@@ -189,9 +202,12 @@ def main() -> None:
         llama_sizes = {"hidden": 512, "layers": 4, "batch": 4, "seq": 256}
         rounds, expert_counts = 7, (1, 4, 8, 16)
     layer_rows = [layer_case(**layer_sizes, experts=e, rounds=rounds) for e in expert_counts]
-    llama_row = llama_step_case(**llama_sizes, total_rank=32 if not args.quick else 16, experts=4, rounds=rounds)
+    llama_row = llama_step_case(**llama_sizes, total_rank=layer_sizes["total_rank"], experts=4, rounds=rounds)
     report = {
-        "command": "python benchmarks/layer_bench.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/layer_bench.py"
+        + (" --quick" if args.quick else "")
+        + (f" --device {args.device}" if args.device != "cpu" else ""),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "threads": args.threads,
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
@@ -201,7 +217,8 @@ def main() -> None:
         "llama_step": llama_row,
     }
     lines = [
-        f"# Layer benchmark\n\n`{report['command']}` ({args.threads} threads, torch {torch.__version__})\n",
+        f"# Layer benchmark\n\n`{report['command']}` ({report['device']}, {args.threads} CPU threads, torch "
+        f"{torch.__version__})\n",
         f"Layer: d={layer_sizes['dim']}, {layer_sizes['batch'] * layer_sizes['seq']} tokens, total rank "
         f"{layer_sizes['total_rank']}; forward+backward, fastest of {rounds} interleaved rounds.\n",
         "| experts | rank/expert | loramix ms | PEFT LoRA ms | loop ms | loramix / PEFT | loop / loramix |",
@@ -220,7 +237,7 @@ def main() -> None:
         f"ratio {llama_row['mixture_over_peft']:.3f}.",
     ]
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "layer_bench_quick" if args.quick else "layer_bench"
+    stem = "layer_bench" + ("_quick" if args.quick else "") + ("_cuda" if args.device == "cuda" else "")
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
