@@ -20,6 +20,7 @@ ALL_METHODS = {
     "mode": {"r": 2, "num_experts": 3},
     "smora": {"r": 8, "top_k": 2},
     "malora": {"r": 2, "num_experts": 4},
+    "conditional_mixlora": {"r": 2, "num_experts": 6},
 }
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 

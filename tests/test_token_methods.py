@@ -158,12 +158,41 @@ def test_malora_sizes_and_svd_init() -> None:
     torch.testing.assert_close(layer.lora_A @ layer.lora_A.T, torch.eye(32), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("conditional", [True, False])
+def test_conditional_mixlora_matches_reference(x, conditional: bool) -> None:
+    pool, rank = 6, 2
+    layer, holder = make_layer(
+        method="conditional_mixlora", r=rank, num_experts=pool, method_options={"conditional": conditional}
+    )
+    router = layer.router
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    expected = layer.base_layer(x).clone()
+    for b in range(x.shape[0]):
+        z = x[b, : int(mask[b].sum())].mean(0)
+        index_a = (router.select_a.weight @ z).topk(rank).indices
+        scores_b = router.select_b.weight @ z
+        if conditional:
+            for k in range(rank):
+                scores_b = scores_b + torch.softmax(layer.lora_A[index_a[k]] @ router.condition[k], dim=0)
+        index_b = scores_b.topk(rank).indices
+        for k in range(rank):
+            factor = layer.lora_B[:, index_b[k]][:, None] @ layer.lora_A[index_a[k]][None, :]
+            expected[b] += (16 / rank) * x[b] @ factor.T
+    layer.train()
+    output = run(layer, holder, x, attention_mask=mask)
+    torch.testing.assert_close(output, expected)
+    output.pow(2).sum().backward()
+    selectors = [router.select_a.weight, router.select_b.weight] + ([router.condition] if conditional else [])
+    assert all(param.grad is not None and param.grad.abs().sum() > 0 for param in selectors)
+
+
 TOKEN_METHODS = {
     "hydralora": {"r": 2, "num_experts": 3},
     "mixlora": {"r": 2, "num_experts": 4},
     "mode": {"r": 2, "num_experts": 3},
     "smora": {"r": 8, "top_k": 2},
     "malora": {"r": 2, "num_experts": 4},
+    "conditional_mixlora": {"r": 2, "num_experts": 6},
 }
 
 

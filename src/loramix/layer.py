@@ -104,7 +104,8 @@ class MixtureLinear(nn.Module):
             return result
         routing = context if context is not None else RoutingContext()
         gate = self.router(x, routing, self.layer_name)
-        hidden = self.router.transform(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), routing)
+        dropped = self.dropout(x).to(self.lora_A.dtype)
+        hidden = self.router.transform(F.linear(dropped, self.lora_A), x, self.lora_A, routing)
         if self.a_index is not None:
             hidden = hidden[..., self.a_index]
         if gate is None:

@@ -38,11 +38,15 @@ class Router(nn.Module):
         """The gate of one task, FloatTensor[K]; only for routers with ``task_only``."""
         raise TypeError(f"{type(self).__name__} routes on the input, not on the task alone")
 
-    def transform(self, hidden: torch.Tensor, context: RoutingContext) -> torch.Tensor:
-        """Map the down-projection ``A x`` (FloatTensor[batch, ..., K_A]) before the gate; identity by default.
+    def transform(
+        self, hidden: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, context: RoutingContext
+    ) -> torch.Tensor:
+        """Map the down-projection ``hidden = A x`` (FloatTensor[batch, ..., K_A]) before ``a_index`` and the gate.
 
-        A method whose mixer is not diagonal (MTL-LoRA's per-task r × r matrix) overrides this and
-        :meth:`transform_task_A` together.
+        Identity by default. A method whose mixer is not diagonal overrides it: MTL-LoRA's per-task r × r
+        matrix, MALoRA's per-expert projections, conditional MixLoRA's factor selection (which reads the
+        layer input ``x`` and the A bank ``lora_A``). A task-only router that overrides it also overrides
+        :meth:`transform_task_A`.
         """
         return hidden
 

@@ -1,6 +1,7 @@
 """Registered mixture methods; importing this package registers them all."""
 
 from loramix.methods import (  # noqa: F401  (registration)
+    conditional_mixlora,
     hydralora,
     lora,
     malora,

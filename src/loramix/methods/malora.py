@@ -42,7 +42,9 @@ class SubspaceRouter(TokenSoftmaxRouter):
         self.beta = beta
         self.expert_proj = nn.Parameter(torch.zeros(num_experts * wide_rank, subspace_rank))
 
-    def transform(self, hidden: torch.Tensor, context: RoutingContext) -> torch.Tensor:
+    def transform(
+        self, hidden: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, context: RoutingContext
+    ) -> torch.Tensor:
         return hidden @ self.expert_proj.T.to(hidden.dtype)
 
     @torch.no_grad()

@@ -48,7 +48,9 @@ class TaskTransformRouter(Router):
         weights = torch.softmax(self.task_logits[tasks] / self.temperature, dim=-1)
         return weights.repeat_interleave(self.rank, dim=-1).to(x.dtype)
 
-    def transform(self, hidden: torch.Tensor, context: RoutingContext) -> torch.Tensor:
+    def transform(
+        self, hidden: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, context: RoutingContext
+    ) -> torch.Tensor:
         tasks = context.task_ids_for(hidden.shape[0])
         matrices = self._matrices(tasks).to(hidden.dtype)  # [batch, r, r]
         flat = hidden.reshape(hidden.shape[0], -1, self.rank)

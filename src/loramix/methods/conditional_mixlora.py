@@ -1,0 +1,120 @@
+"""``conditional_mixlora``: Conditional Mixture-of-LoRA (arXiv 2402.15896; from its code).
+
+Each adapted layer holds pools of E rank-1 factors, ``{a_e} ⊂ R^{d_in}`` (the A bank) and
+``{b_e} ⊂ R^{d_out}`` (the B bank), and builds a rank-r LoRA per sequence from them::
+
+    z      = mean of the layer input over the sequence's non-pad tokens
+    idx_A  = top-r(W_A z)                                   (independent selection of A factors)
+    idx_B  = top-r(W_B z + Σ_k softmax(a_{idx_A[k]}ᵀ W_k))  (conditional selection of B factors)
+    h      = W0 x + (alpha / r) Σ_k b_{idx_B[k]} a_{idx_A[k]}ᵀ x
+
+The k-th best A factor pairs with the k-th best B factor (``r`` = ``config.r``, E = ``num_experts``).
+``method_options["conditional"]: false`` drops the conditional term. The W_k start at zero, so the term
+starts as a constant that does not change the ranking.
+
+The release's hard top-r gives the selectors no gradient. loramix trains them with a straight-through
+weight on each pair: ``ĝ_k = (p_A[k] − stopgrad p_A[k] + 1) · (p_B[k] − stopgrad p_B[k] + 1)`` with p the
+softmax of the scores, so the forward equals the release's (every weight 1) and W_A, W_B and the W_k
+receive the gradient of their chosen probabilities. Per sequence and input-dependent, so not mergeable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loramix.config import ConfigError, MixtureConfig
+from loramix.context import RoutingContext
+from loramix.methods.base import Method, register_method
+from loramix.routers import Router, token_mask
+
+
+def _straight_through(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    chosen = torch.softmax(scores, dim=-1).gather(-1, index)
+    return chosen - chosen.detach() + 1.0
+
+
+class FactorSelectionRouter(Router):
+    """Per-sequence top-r selection of A and B factors from pools of E, paired in score order."""
+
+    task_only = False
+    needs_task_ids = False
+
+    def __init__(self, in_features: int, pool_size: int, rank: int, conditional: bool) -> None:
+        super().__init__(pool_size)
+        self.rank = rank
+        self.select_a = nn.Linear(in_features, pool_size, bias=False)
+        self.select_b = nn.Linear(in_features, pool_size, bias=False)
+        self.condition = nn.Parameter(torch.zeros(rank, in_features, pool_size)) if conditional else None
+
+    def forward(self, x: torch.Tensor, context: RoutingContext, layer_name: str) -> None:
+        return None
+
+    def selection(
+        self, x: torch.Tensor, lora_A: torch.Tensor, context: RoutingContext
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The chosen factors of each sequence.
+
+        Args:
+            x: FloatTensor[batch, seq, d_in] (or [batch, d_in]), the layer input.
+            lora_A: FloatTensor[E, d_in], the A pool.
+            context: supplies the attention mask for pooling.
+
+        Returns:
+            (idx_A, idx_B, weights), each [batch, r]: paired A and B factor ids and straight-through weights.
+        """
+        dtype = self.select_a.weight.dtype
+        if x.dim() == 2:
+            pooled = x.to(dtype)
+        else:
+            mask = token_mask(x, context)
+            weights = torch.ones(x.shape[:2], device=x.device) if mask is None else mask.float()
+            weights = weights.to(dtype).unsqueeze(-1)
+            pooled = (x.to(dtype) * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        scores_a = self.select_a(pooled)
+        index_a = scores_a.topk(self.rank, dim=-1).indices
+        scores_b = self.select_b(pooled)
+        if self.condition is not None:
+            chosen_a = lora_A[index_a].to(dtype)  # [batch, r, d_in]
+            affinity = torch.einsum("bkd,kde->bke", chosen_a, self.condition)
+            scores_b = scores_b + torch.softmax(affinity, dim=-1).sum(1)
+        index_b = scores_b.topk(self.rank, dim=-1).indices
+        return index_a, index_b, _straight_through(scores_a, index_a) * _straight_through(scores_b, index_b)
+
+    def transform(
+        self, hidden: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, context: RoutingContext
+    ) -> torch.Tensor:
+        index_a, index_b, weights = self.selection(x, lora_A, context)
+        middle = [1] * (hidden.dim() - 2)
+        shape = (hidden.shape[0], *hidden.shape[1:-1], self.rank)
+        picked = hidden.gather(-1, index_a.view(index_a.shape[0], *middle, self.rank).expand(shape))
+        picked = picked * weights.view(weights.shape[0], *middle, self.rank).to(hidden.dtype)
+        slots = index_b.view(index_b.shape[0], *middle, self.rank).expand(shape)
+        return torch.zeros_like(hidden).scatter_add(-1, slots, picked)
+
+
+@register_method
+class ConditionalMixLoRA(Method):
+    """Conditional MixLoRA: a per-sequence rank-r LoRA assembled from pools of E rank-1 factors."""
+
+    name = "conditional_mixlora"
+
+    @classmethod
+    def validate(cls, config: MixtureConfig) -> None:
+        unknown = sorted(set(config.method_options) - {"conditional"})
+        if unknown:
+            raise ConfigError(f"MixtureConfig.method_options has unknown keys {unknown} for 'conditional_mixlora'")
+        if config.r > config.num_experts:
+            raise ConfigError(
+                f"MixtureConfig.r={config.r} is invalid: 'conditional_mixlora' selects r factors from pools of "
+                f"num_experts={config.num_experts}"
+            )
+
+    @classmethod
+    def bank_sizes(cls, config: MixtureConfig) -> tuple[int, int]:
+        return config.num_experts, config.num_experts
+
+    @classmethod
+    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
+        conditional = bool(config.method_options.get("conditional", True))
+        return FactorSelectionRouter(in_features, config.num_experts, config.r, conditional)
