@@ -38,6 +38,7 @@ def _trainer(directory, callbacks=(), stages=STAGES) -> Trainer:
         keep_last=None,
         progress_bar=False,
         mixed_precision="no",
+        use_cpu=True,
     )
     model = classifier(dropout=0.1)
     return Trainer(

@@ -48,7 +48,7 @@ def _recipe(tmp_path, generation: bool, **overrides) -> dict:
         "data": {"tasks": [{"jsonl": str(data_file), "labels": ["no", "yes"]} if not generation
                            else {"jsonl": str(data_file)}], "validation": 4, "test": 6},
         "training": {"max_steps": 4, "batch_size": 4, "learning_rate": 1e-2, "log_every": 2, "eval_every": 2,
-                     "progress_bar": False, "mixed_precision": "no"},
+                     "progress_bar": False, "mixed_precision": "no", "use_cpu": True},
         "eval": {"batch_size": 8, "max_new_tokens": 4},
     }
     recipe.update(overrides)

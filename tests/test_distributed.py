@@ -28,7 +28,7 @@ WORKER = textwrap.dedent(
 
     settings = TrainingSettings(
         max_steps={STEPS}, batch_size={GLOBAL_BATCH // 4}, gradient_accumulation_steps=2, learning_rate=1e-2,
-        save_every=2, log_every=1, progress_bar=False, mixed_precision="no",
+        save_every=2, log_every=1, progress_bar=False, mixed_precision="no", use_cpu=True,
     )
     model = classifier()
     trainer = Trainer(model, settings, batch_factory(classification_examples(32), {GLOBAL_BATCH // 4}), sys.argv[1])
@@ -44,7 +44,8 @@ WORKER = textwrap.dedent(
 
 def _single_process(directory) -> tuple[list[float], dict[str, torch.Tensor]]:
     settings = TrainingSettings(
-        max_steps=STEPS, batch_size=GLOBAL_BATCH, learning_rate=1e-2, progress_bar=False, mixed_precision="no"
+        max_steps=STEPS, batch_size=GLOBAL_BATCH, learning_rate=1e-2, progress_bar=False, mixed_precision="no",
+        use_cpu=True,
     )
     model = classifier()
     state = Trainer(model, settings, batch_factory(classification_examples(32), GLOBAL_BATCH), directory).train()
@@ -59,6 +60,7 @@ def test_two_processes_match_one(tmp_path):
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
     }
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",

@@ -19,13 +19,15 @@ def _settings(**overrides) -> TrainingSettings:
         "log_every": 1,
         "progress_bar": False,
         "mixed_precision": "no",
+        "use_cpu": True,
     }
     return TrainingSettings(**{**values, **overrides})
 
 
 def _accuracy(model) -> dict[str, dict[str, float]]:
     examples = classification_examples(32, seed=1)
-    inputs = {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
+    device = next(model.parameters()).device
+    inputs = {key: torch.stack([example[key] for example in examples]).to(device) for key in examples[0]}
     logits = model(**inputs).logits
     correct = logits.argmax(-1) == inputs["labels"]
     return {"all": {"accuracy": correct.float().mean().item()}}

@@ -67,6 +67,7 @@ class TrainingSettings:
         mixed_precision: ``auto`` (bf16 where the GPU supports it, else full precision), ``no``, ``bf16``
             or ``fp16``.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
+        use_cpu: train on the CPU even where an accelerator is available.
         seed: seed of every random generator (weights of new modules, dropout, data order).
         log_every: steps between log lines.
         eval_every: steps between validations (0: only at the end of each stage).
@@ -90,6 +91,7 @@ class TrainingSettings:
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
+    use_cpu: bool = False
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0

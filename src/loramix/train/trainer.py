@@ -110,7 +110,7 @@ class Trainer:
         self.state = TrainerState()
         self.candidates = [name for name, param in model.named_parameters() if param.requires_grad]
         self.accelerator = Accelerator(
-            cpu=_distributed_on_cpu(),
+            cpu=settings.use_cpu or _distributed_on_cpu(),
             mixed_precision=resolve_mixed_precision(settings.mixed_precision),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=settings.find_unused_parameters)],
         )
