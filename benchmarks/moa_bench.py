@@ -362,6 +362,8 @@ def run_all(bench: Bench, out: Path, adapters: Path, runs: Sequence[str]) -> Non
         return
     runner = Runner(bench, out, adapters)
     for name in todo:
+        if (out / f"{name}.json").is_file():  # written meanwhile by another process
+            continue
         print(f"=== {name}", flush=True)
         result = runner.run(name)
         (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
