@@ -14,9 +14,10 @@ fixed split seed (0, independent of the training seed) and cut into test (first 
 tokens (the claim, the conclusion and the question are at the end of the texts).
 
 Training: AdamW (lr 1e-3, weight decay 0.01), linear warm-up over 10% of the steps then linear decay,
-batch 16, 150 steps (2,400 examples, about 1.6 epochs) for every method, one torch thread per worker. Batches hold one task each, drawn with MoRE's rule
-(probability softmax over tasks of |D_t| / Σ|D|) for every method, except the ``more_random_sampling``
-ablation, whose batches are drawn uniformly from the pooled examples. Accuracy is measured on the
+batch 16, 150 steps (2,400 examples, about 1.6 epochs) for every method, one torch thread per worker.
+Batches hold one task each, drawn with MoRE's rule (probability softmax over tasks of |D_t| / Σ|D|) for
+every method, except the ``more_random_sampling`` ablation, whose batches are drawn uniformly from the
+pooled examples. Accuracy is measured on the
 validation and test splits after the last step.
 
 Each run writes ``results/more/<method>__seed<k>.json`` when it ends, and runs whose file exists are
