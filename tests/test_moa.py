@@ -178,6 +178,20 @@ def test_generate_keeps_the_prompt_route_for_every_token() -> None:
     assert torch.equal(generated, expected)
 
 
+@pytest.mark.parametrize("gate", ["top1", "soft"])
+def test_activation_checkpointing_gives_the_same_gradients(gate: str) -> None:
+    grads = []
+    for checkpointing in (False, True):
+        model = moa_model(gate=gate).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        inputs = tiny_models.batch("llama")
+        model(**inputs, labels=inputs["input_ids"], task_ids=[0, 1, 2]).loss.backward()
+        grads.append([param.grad for param in model.parameters() if param.requires_grad])
+    for plain, checkpointed in zip(*grads, strict=True):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ stages
 def test_stage1_expert_does_not_depend_on_other_domains_data() -> None:
     first, second = moa_model(domains=2), moa_model(domains=2)

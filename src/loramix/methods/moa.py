@@ -24,7 +24,9 @@ Decisions where the paper is silent:
   straight-through gradient of its probability (the LM loss also teaches the router); ``"soft"`` weighs
   every expert by its softmax probability.
 - **Generate**: the route chosen on the prompt is cached in ``context.cache[layer_name]`` and reused for
-  every decoding step, which sees a single token.
+  every decoding step, which sees a single token. The cache is read only without autograd (``generate``
+  runs under ``no_grad``), so a checkpointed layer recomputed in the backward pass routes again, to the
+  same result, with its gradient.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ class DomainRouter(Router):
         if self.route_by == "label":
             return self.expert_gates(context.task_ids_for(x.shape[0])).to(x.dtype)
         cached = context.cache.get(layer_name)
-        if cached is not None and cached.shape[0] == x.shape[0]:
+        if cached is not None and not torch.is_grad_enabled() and cached.shape[0] == x.shape[0]:
             return cached
         seq_len = x.shape[1] if x.dim() > 2 else 1
         logits = self.logits(x, context.mask_for(x.shape[0], seq_len))
