@@ -49,7 +49,7 @@ DOMAINS = [
     ("elements", "periodic_elements", ["subtask_0", "subtask_1"]),
 ]
 NEW_DOMAIN = ("counting", "object_counting", None)
-RUN_ORDER = ["base", "oracle", "moa_router", "moa_added", "lora_mixed", "moa_soft"]
+RUN_ORDER = ["oracle", "moa_router", "moa_added", "lora_mixed", "base", "moa_soft"]
 Item = tuple[str, list[str]]
 
 
@@ -59,7 +59,7 @@ class Bench:
 
     quick: bool = False
     train_per_domain: int = 120
-    test_per_domain: int = 50
+    test_per_domain: int = 30
     max_length: int = 40
     max_new_tokens: int = 8
     rank: int = 8
@@ -74,10 +74,10 @@ class Bench:
 
     def __post_init__(self) -> None:
         length = {"max_length": self.max_length, "seed": self.seed}
-        self.stage1 = self.stage1 or StageSettings(steps=50, per_domain_batch=2, lr=2e-3, **length)
-        self.stage2 = self.stage2 or StageSettings(steps=20, per_domain_batch=2, lr=5e-3, **length)
-        self.new_expert = self.new_expert or StageSettings(steps=40, per_domain_batch=4, lr=2e-3, **length)
-        self.new_routers = self.new_routers or StageSettings(steps=15, per_domain_batch=2, lr=5e-3, **length)
+        self.stage1 = self.stage1 or StageSettings(steps=30, per_domain_batch=2, lr=3e-3, **length)
+        self.stage2 = self.stage2 or StageSettings(steps=10, per_domain_batch=2, lr=1e-2, **length)
+        self.new_expert = self.new_expert or StageSettings(steps=24, per_domain_batch=4, lr=3e-3, **length)
+        self.new_routers = self.new_routers or StageSettings(steps=8, per_domain_batch=1, lr=1e-2, **length)
 
 
 def quick_bench() -> Bench:
