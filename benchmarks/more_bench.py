@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import statistics
@@ -52,6 +51,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from loramix import MixtureConfig, get_mixture_model
 from loramix.assets import bigbench_tasks_dir, minilm_path
+from loramix.data.samplers import task_probabilities
 from loramix.heads import MultiTaskSequenceClassifier
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -211,18 +211,12 @@ def collate(rows: list[tuple[torch.Tensor, int, int]]) -> dict[str, Any]:
     }
 
 
-def more_task_probabilities(sizes: list[int]) -> list[float]:
-    """MoRE's sampling rule: P(t) = softmax over tasks of |D_t| / Σ|D|."""
-    total = sum(sizes)
-    weights = [math.exp(size / total) for size in sizes]
-    return [weight / sum(weights) for weight in weights]
-
-
 def training_batches(tasks: list[TaskData], settings: Settings, sampling: str, seed: int) -> list[list[tuple]]:
     """``settings.steps`` batches of (features, label, task) rows.
 
-    ``"more"``: each batch is from one task drawn with :func:`more_task_probabilities`, taking that task's
-    examples in a reshuffled order; ``"random"``: batches of the pooled examples, reshuffled each epoch.
+    ``"more"``: each batch is from one task drawn with MoRE's rule (``task_probabilities(sizes, "more")``),
+    taking that task's examples in a reshuffled order; ``"random"``: batches of the pooled examples,
+    reshuffled each epoch.
     """
     rng = random.Random(seed)
     pools = [[(ids, label, t) for ids, label in task.splits["train"]] for t, task in enumerate(tasks)]
@@ -235,7 +229,7 @@ def training_batches(tasks: list[TaskData], settings: Settings, sampling: str, s
                 rng.shuffle(pooled)
             batches.append([pooled.pop() for _ in range(settings.batch_size)])
         return batches
-    probabilities = more_task_probabilities([len(pool) for pool in pools])
+    probabilities = task_probabilities([len(pool) for pool in pools], "more")
     queues: list[list[tuple]] = [[] for _ in pools]
     for _ in range(settings.steps):
         task = rng.choices(range(len(pools)), weights=probabilities)[0]
