@@ -1,4 +1,8 @@
-"""Two processes (gloo, CPU, launched by torchrun) reach the losses of one process with the same global batch."""
+"""Two processes (gloo, CPU, launched by torchrun) reach the losses of one process with the same global batch.
+
+The run has two stages, so the model is wrapped for DDP twice (the second time with other parameters
+trainable).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loramix.train import Trainer, TrainingSettings
+from loramix.train import StageSettings, Trainer, TrainingSettings
 from train_fixtures import batch_factory, classification_examples, classifier
 
 TESTS = Path(__file__).resolve().parent
@@ -24,14 +28,16 @@ WORKER = textwrap.dedent(
     import json, sys
     import torch
     from train_fixtures import batch_factory, classification_examples, classifier
-    from loramix.train import Trainer, TrainingSettings
+    from loramix.train import StageSettings, Trainer, TrainingSettings
 
+    stages = [StageSettings(name="one", max_steps=2), StageSettings(name="two", max_steps=2, frozen=["lora_A"])]
     settings = TrainingSettings(
-        max_steps={STEPS}, batch_size={GLOBAL_BATCH // 4}, gradient_accumulation_steps=2, learning_rate=1e-2,
+        batch_size={GLOBAL_BATCH // 4}, gradient_accumulation_steps=2, learning_rate=1e-2,
         save_every=2, log_every=1, progress_bar=False, mixed_precision="no", use_cpu=True,
     )
     model = classifier()
-    trainer = Trainer(model, settings, batch_factory(classification_examples(32), {GLOBAL_BATCH // 4}), sys.argv[1])
+    factory = batch_factory(classification_examples(32), {GLOBAL_BATCH // 4})
+    trainer = Trainer(model, settings, factory, sys.argv[1], stages=stages)
     state = trainer.train()
     if trainer.accelerator.is_main_process:
         weights = {{key: value.tolist() for key, value in model.adapter_state_dict().items()}}
@@ -44,11 +50,13 @@ WORKER = textwrap.dedent(
 
 def _single_process(directory) -> tuple[list[float], dict[str, torch.Tensor]]:
     settings = TrainingSettings(
-        max_steps=STEPS, batch_size=GLOBAL_BATCH, learning_rate=1e-2, progress_bar=False, mixed_precision="no",
+        batch_size=GLOBAL_BATCH, learning_rate=1e-2, progress_bar=False, mixed_precision="no",
         use_cpu=True,
     )
     model = classifier()
-    state = Trainer(model, settings, batch_factory(classification_examples(32), GLOBAL_BATCH), directory).train()
+    stages = [StageSettings(name="one", max_steps=2), StageSettings(name="two", max_steps=2, frozen=["lora_A"])]
+    factory = batch_factory(classification_examples(32), GLOBAL_BATCH)
+    state = Trainer(model, settings, factory, directory, stages=stages).train()
     return [record["loss"] for record in state.history], model.adapter_state_dict()
 
 
