@@ -30,10 +30,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from loramix.eval import evaluate_adapters
+    from loramix.eval import evaluate_adapters, markdown_table
 
     outcome = evaluate_adapters(args.adapter, args.out, split=args.split, plots=not args.no_plots)
-    print(outcome["markdown"].read_text())
+    print(markdown_table(outcome["results"]))
     print(f"report: {outcome['markdown']} and {outcome['report']}")
     for plot in outcome["plots"]:
         print(f"plot: {plot}")

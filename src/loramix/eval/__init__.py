@@ -2,9 +2,9 @@
 
 from loramix.eval.evaluate import evaluate_adapters, score_examples, validation_evaluator
 from loramix.eval.metrics import classification_scores, generation_scores, normalize_answer
-from loramix.eval.plots import matplotlib_available, plot_routing, plot_scores
+from loramix.eval.plots import matplotlib_available, plot_choices, plot_routing, plot_scores
 from loramix.eval.report import markdown_table, primary_metric, write_report
-from loramix.eval.routing import routed_experts, routing_summary, task_gates
+from loramix.eval.routing import routed_experts, routing_choices, routing_summary, task_gates
 
 __all__ = [
     "classification_scores",
@@ -13,10 +13,12 @@ __all__ = [
     "markdown_table",
     "matplotlib_available",
     "normalize_answer",
+    "plot_choices",
     "plot_routing",
     "plot_scores",
     "primary_metric",
     "routed_experts",
+    "routing_choices",
     "routing_summary",
     "score_examples",
     "task_gates",

@@ -9,7 +9,7 @@ from typing import Any
 
 from loramix.data import Example, MultiTaskCollator
 from loramix.eval.metrics import classification_scores, generation_scores
-from loramix.eval.plots import matplotlib_available, plot_routing, plot_scores
+from loramix.eval.plots import matplotlib_available, plot_choices, plot_routing, plot_scores
 from loramix.eval.report import Scores, write_report
 from loramix.eval.routing import routing_summary
 from loramix.model import MixtureModel
@@ -81,8 +81,10 @@ def evaluate_adapters(
     if plots and matplotlib_available():
         drawn.append(plot_scores(results, output_dir / "scores.png").name)
         for label, summary in routing.items():
-            name = "routing_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in label) + ".png"
-            drawn.append(plot_routing(summary, output_dir / name, title=f"{label}: routing by task and layer").name)
+            stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+            gates = plot_routing(summary, output_dir / f"routing_{stem}.png", f"{label}: gates by task and layer")
+            choices = plot_choices(summary, output_dir / f"choices_{stem}.png", f"{label}: choice by task and layer")
+            drawn += [gates.name, choices.name]
     elif plots:
         print("loramix eval: matplotlib is not installed; skipping plots (pip install matplotlib)", file=sys.stderr)
     details = {"routing": routing, "adapters": [str(path) for path in adapter_dirs], "split": split}

@@ -91,11 +91,47 @@ def plot_routing(routing: dict[str, Any], path: str | Path, title: str = "") -> 
     return Path(path)
 
 
+def plot_choices(routing: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """One heat map of what each task chose in each layer: adapted layers as rows, tasks as columns.
+
+    Cells show the chosen rank (task gates: active rank components) or the expert most sequences of the
+    task were routed to (input-routed methods), as numbers over the colours.
+
+    Args:
+        routing: what :func:`loramix.eval.routing.routing_summary` returns.
+        path: the PNG to write.
+        title: the figure's title.
+    """
+    from loramix.eval.routing import routing_choices
+
+    plt = _pyplot()
+    choices = routing_choices(routing)
+    tasks = list(choices)
+    layers = list(next(iter(choices.values()), {}))
+    matrix = [[choices[task].get(layer, 0) for task in tasks] for layer in layers]
+    figure, axis = plt.subplots(figsize=(1.1 * len(tasks) + 3.5, 0.28 * len(layers) + 1.8), layout="constrained")
+    image = axis.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
+    for row, values in enumerate(matrix):
+        for column, value in enumerate(values):
+            axis.text(column, row, str(value), ha="center", va="center", fontsize=6, color="white")
+    axis.set_xticks(range(len(tasks)))
+    axis.set_xticklabels(tasks, rotation=30, ha="right", fontsize="small")
+    axis.set_yticks(range(len(layers)))
+    axis.set_yticklabels([_short(name) for name in layers], fontsize=5)
+    label = "chosen rank" if routing["kind"] == "gate" else "expert chosen most"
+    figure.colorbar(image, ax=axis, label=label)
+    axis.set_title(title or f"{label} by task and layer", fontsize="small")
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
 def _layer_count(tasks: dict[str, dict[str, Any]]) -> int:
     return max((len(layers) for layers in tasks.values()), default=1)
 
 
 def _short(name: str) -> str:
+    """A layer's name from its block number on (``encoder.layer.0.attention.self.query`` -> ``0.attention...``)."""
     parts = name.split(".")
-    digits = [part for part in parts if part.isdigit()]
-    return ".".join([*digits, *parts[-2:]]) if digits else ".".join(parts[-2:])
+    numbers = [index for index, part in enumerate(parts) if part.isdigit()]
+    return ".".join(parts[numbers[-1] :]) if numbers else ".".join(parts[-2:])

@@ -84,3 +84,24 @@ def routing_summary(
     config = model.mixture_config
     num_experts = max(config.num_experts, config.num_tasks)
     return {"kind": "experts", "tasks": routed_experts(model, batches_by_task(), num_experts)}
+
+
+def routing_choices(summary: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """One number per task and layer saying what was chosen.
+
+    For task gates: the number of active rank components (MoRE's chosen rank; all K for dense gates).
+    For input-routed methods: the expert most of the task's sequences went to.
+
+    Args:
+        summary: what :func:`routing_summary` returns.
+
+    Returns:
+        ``{task: {layer: choice}}``.
+    """
+    choices: dict[str, dict[str, int]] = {}
+    for task, layers in summary["tasks"].items():
+        if summary["kind"] == "gate":
+            choices[task] = {layer: sum(1 for value in gate if value > 0) for layer, gate in layers.items()}
+        else:
+            choices[task] = {layer: max(range(len(shares)), key=shares.__getitem__) for layer, shares in layers.items()}
+    return choices

@@ -73,7 +73,7 @@ def run_demo(recipe_path: str | Path | None, output_dir: str | Path, max_steps: 
     Returns:
         What :func:`loramix.eval.evaluate_adapters` returns.
     """
-    from loramix.eval import evaluate_adapters
+    from loramix.eval import evaluate_adapters, markdown_table
     from loramix.train.pipeline import train_recipe
 
     path = Path(recipe_path) if recipe_path else default_demo_recipe()
@@ -90,7 +90,7 @@ def run_demo(recipe_path: str | Path | None, output_dir: str | Path, max_steps: 
     outcome = evaluate_adapters(adapters, output_dir / "report")
     minutes = (time.perf_counter() - started) / 60
     print()
-    print(outcome["markdown"].read_text())
+    print(markdown_table(outcome["results"]))
     print(f"report: {outcome['markdown']} (and {outcome['report'].name})")
     for plot in outcome["plots"]:
         print(f"plot: {plot}")
