@@ -10,10 +10,9 @@ import torch
 import yaml
 
 from loramix.cli import main
-from loramix.eval import matplotlib_available
-from loramix.train import load_run
-
-torch.set_num_threads(1)  # tiny models run fastest on one thread
+from loramix.eval import matplotlib_available, routing_choices, routing_summary
+from loramix.train import load_run, stack_examples
+from train_fixtures import classification_examples, classifier
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "rock", "fish"]
 
@@ -155,3 +154,18 @@ def test_bad_recipe_key_is_named(tmp_path, capsys):
     path.write_text(yaml.safe_dump(text))
     assert main(["train", str(path)]) == 2
     assert "unknown key(s) ['lr'] in training" in capsys.readouterr().err
+
+
+def test_routing_summary_of_an_input_routed_method():
+    model = classifier(method="moa", num_experts=2)
+    examples = classification_examples(8)
+    batches = {
+        "t0": [stack_examples([e for e in examples if int(e["task_ids"]) == 0])],
+        "t1": [stack_examples([e for e in examples if int(e["task_ids"]) == 1])],
+    }
+    summary = routing_summary(model, lambda: batches)
+    assert summary["kind"] == "experts" and set(summary["tasks"]) == {"t0", "t1"}
+    shares = summary["tasks"]["t0"]
+    assert set(shares) == set(model.mixture_layers())
+    assert all(len(values) == 2 and sum(values) == pytest.approx(1.0) for values in shares.values())
+    assert all(choice in (0, 1) for choice in routing_choices(summary)["t1"].values())
