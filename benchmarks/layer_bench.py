@@ -112,6 +112,7 @@ def layer_case(dim: int, batch: int, seq: int, total_rank: int, experts: int, ro
         "mixture": forward_backward(mixture_call, x),
         "peft_lora": forward_backward(peft_layer, x),
         "expert_loop": forward_backward(lambda inputs: loop(inputs, task_ids), x),
+        "frozen_base": forward_backward(base, x),
     }
     seconds = time_rounds(candidates, rounds=rounds, repeats=3)
     return {
@@ -120,6 +121,9 @@ def layer_case(dim: int, batch: int, seq: int, total_rank: int, experts: int, ro
         **{f"{name}_ms": 1000 * value for name, value in seconds.items()},
         "mixture_over_peft": seconds["mixture"] / seconds["peft_lora"],
         "loop_over_mixture": seconds["expert_loop"] / seconds["mixture"],
+        # the adapter paths alone: each time less the frozen base layer's forward+backward
+        "adapter_loop_over_mixture": (seconds["expert_loop"] - seconds["frozen_base"])
+        / (seconds["mixture"] - seconds["frozen_base"]),
     }
 
 
@@ -221,13 +225,15 @@ def main() -> None:
         f"{torch.__version__})\n",
         f"Layer: d={layer_sizes['dim']}, {layer_sizes['batch'] * layer_sizes['seq']} tokens, total rank "
         f"{layer_sizes['total_rank']}; forward+backward, fastest of {rounds} interleaved rounds.\n",
-        "| experts | rank/expert | loramix ms | PEFT LoRA ms | loop ms | loramix / PEFT | loop / loramix |",
-        "|---|---|---|---|---|---|---|",
+        "| experts | rank/expert | loramix ms | PEFT LoRA ms | loop ms | frozen base ms | loramix / PEFT "
+        "| loop / loramix | adapter path: loop / loramix |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in layer_rows:
         lines.append(
             f"| {row['experts']} | {row['rank_per_expert']} | {row['mixture_ms']:.1f} | {row['peft_lora_ms']:.1f} | "
-            f"{row['expert_loop_ms']:.1f} | {row['mixture_over_peft']:.3f} | {row['loop_over_mixture']:.2f} |"
+            f"{row['expert_loop_ms']:.1f} | {row['frozen_base_ms']:.1f} | {row['mixture_over_peft']:.3f} | "
+            f"{row['loop_over_mixture']:.2f} | {row['adapter_loop_over_mixture']:.2f} |"
         )
     lines += [
         "",
