@@ -3,8 +3,8 @@
 A checkpoint is a directory ``checkpoint-<step>`` holding:
 
 - ``adapter_config.json`` and ``adapter_model.safetensors``: the adapter, as ``save_pretrained`` writes it;
-- ``optimizer.pt``: the optimizer's and the scheduler's state dicts (``torch.save``, read back with
-  ``weights_only=True``);
+- ``optimizer.pt``: the state dicts of the optimizer, the scheduler and, with fp16, the gradient scaler
+  (``torch.save``, read back with ``weights_only=True``);
 - ``rank_state_<r>.json``: each rank's data-sampler state and random-generator states;
 - ``trainer_state.json``: where training stands (stage, steps), written last.
 
@@ -113,6 +113,7 @@ class CheckpointManager:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         trainer_state: dict[str, Any],
         rank_state: dict[str, Any],
+        scaler: torch.amp.GradScaler | None = None,
     ) -> Path:
         """Write checkpoint ``checkpoint-<step>`` atomically and delete those beyond ``keep_last``.
 
@@ -123,6 +124,7 @@ class CheckpointManager:
             scheduler: the learning-rate scheduler.
             trainer_state: JSON data saying where training stands (written by rank 0).
             rank_state: JSON data of this rank (sampler and RNG states).
+            scaler: the fp16 gradient scaler, if any.
 
         Returns:
             The published checkpoint directory.
@@ -138,9 +140,10 @@ class CheckpointManager:
         self.barrier()
         if self.rank == 0:
             model.save_pretrained(staging)
-            torch.save(
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / OPTIMIZER_NAME
-            )
+            states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            if scaler is not None:
+                states["scaler"] = scaler.state_dict()
+            torch.save(states, staging / OPTIMIZER_NAME)
             for path in staging.iterdir():
                 _fsync_file(path)
             _write_json(staging / STATE_NAME, {**trainer_state, "step": step})
@@ -173,8 +176,9 @@ class CheckpointManager:
         model: MixtureModel,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restore the adapter, optimizer and scheduler from a checkpoint.
+        """Restore the adapter, optimizer, scheduler (and fp16 gradient scaler) from a checkpoint.
 
         Returns:
             ``(trainer_state, rank_state)`` as given to :meth:`save` (this rank's).
@@ -194,5 +198,7 @@ class CheckpointManager:
         saved = torch.load(directory / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        if scaler is not None and "scaler" in saved:
+            scaler.load_state_dict(saved["scaler"])
         trainer_state = json.loads((directory / STATE_NAME).read_text())
         return trainer_state, json.loads(rank_file.read_text())

@@ -191,7 +191,9 @@ class Trainer:
         source = self.batches(stage, accelerator.process_index, accelerator.num_processes)
         self.state.stage_index, self.state.stage_name, self.state.stage_step = index, stage.name, 0
         if checkpoint is not None:
-            trainer_state, rank_state = self.checkpoints.load(checkpoint, self.model, optimizer, scheduler)
+            trainer_state, rank_state = self.checkpoints.load(
+                checkpoint, self.model, optimizer, scheduler, scaler=accelerator.scaler
+            )
             source.load_state_dict(rank_state["sampler"])
             set_rng_state(rank_state["rng"])
             self.state.stage_step = int(trainer_state["stage_step"])
@@ -302,7 +304,10 @@ class Trainer:
             "metrics": self.state.metrics,
         }
         rank_state = {"sampler": source.state_dict(), "rng": get_rng_state()}
-        self.checkpoints.save(self.state.global_step, self.model, optimizer, scheduler, trainer_state, rank_state)
+        self.checkpoints.save(
+            self.state.global_step, self.model, optimizer, scheduler, trainer_state, rank_state,
+            scaler=self.accelerator.scaler,
+        )
 
 
 def _endless(source: BatchSource) -> Iterator[Batch]:
