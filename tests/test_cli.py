@@ -11,7 +11,7 @@ import yaml
 
 from loramix.cli import main
 from loramix.eval import matplotlib_available, routing_choices, routing_summary
-from loramix.train import load_run, stack_examples
+from loramix.train import Recipe, RecipeError, load_run, stack_examples
 from train_fixtures import classification_examples, classifier
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "rock", "fish"]
@@ -169,3 +169,32 @@ def test_routing_summary_of_an_input_routed_method():
     assert set(shares) == set(model.mixture_layers())
     assert all(len(values) == 2 and sum(values) == pytest.approx(1.0) for values in shares.values())
     assert all(choice in (0, 1) for choice in routing_choices(summary)["t1"].values())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model": {"name": "tiny-bert", "task_typ": "classification"}}, r"unknown key\(s\) \['task_typ'\] in model"),
+        ({"model": {"name": "tiny-bert", "task_type": "regression"}}, "model.task_type='regression'"),
+        ({"data": {"tasks": [{"csv": "x.csv"}]}}, r"unknown key\(s\) \['csv'\] in data.tasks\[0\]"),
+        ({"data": {"tasks": [{"jsonl": "a.jsonl", "hf": "b"}]}}, "exactly one of"),
+        ({"data": {"tasks": [{"jsonl": "a.jsonl"}], "sampler": "random"}}, "data.sampler='random'"),
+        ({"stages": [{"name": "s", "trainable": ["("]}]}, r"stages\[s\].trainable"),
+        ({"eval": {"split": "train"}}, "eval.split='train'"),
+    ],
+)
+def test_recipe_errors_name_the_key(change, message):
+    recipe = {
+        "model": {"name": "tiny-bert"},
+        "mixture": {"method": "lora"},
+        "data": {"tasks": [{"jsonl": "a.jsonl"}]},
+        **change,
+    }
+    with pytest.raises(RecipeError, match=message):
+        Recipe.from_dict(recipe)
+
+
+def test_mixture_errors_name_the_field(tmp_path, capsys):
+    path = _recipe(tmp_path, generation=False, mixture={"method": "moelora", "r": 0})
+    assert main(["train", str(path)]) == 2
+    assert "mixture: MixtureConfig.r=0 is invalid" in capsys.readouterr().err

@@ -52,8 +52,9 @@ class TrainerState:
         stage_name: its name.
         stage_step: optimizer steps done in the current stage.
         global_step: optimizer steps done over all stages.
-        history: one record per optimizer step (``step``, ``stage``, ``loss``, ``lr`` and the mean
-            auxiliary losses by name), averaged over micro-batches and processes.
+        history: one record per optimizer step (``step``, ``stage``, ``loss``, ``lr`` (the largest of the
+            parameter groups), ``examples_per_s`` and the mean auxiliary losses as ``aux_<name>``),
+            averaged over micro-batches and processes.
         metrics: the latest validation metrics by task (e.g. ``{"sst2": {"accuracy": 0.9, "loss": 0.3}}``).
     """
 
@@ -273,7 +274,7 @@ class Trainer:
         names = sorted(means)
         reduced = accelerator.reduce(torch.stack([means[name] for name in names]), reduction="mean")
         record = {name: float(value) for name, value in zip(names, reduced.tolist(), strict=True)}
-        record["lr"] = scheduler.get_last_lr()[0]
+        record["lr"] = max(scheduler.get_last_lr())
         return record, count
 
     def _evaluate(self, wrapped: torch.nn.Module) -> None:
