@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from loramix.train import (
     CheckpointManager,
+    Recipe,
     RecipeError,
     StageSettings,
     Trainer,
     TrainingSettings,
+    build_run,
     latest_checkpoint,
     list_checkpoints,
 )
@@ -122,3 +126,32 @@ def test_keep_last_rotates(tmp_path):
     trainer.train()
     assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-00000004", "checkpoint-00000006"]
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]
+
+
+def test_resume_is_exact_with_the_data_modules_sampler(tmp_path):
+    """The recipe path: JSONL tasks, templates, ``MultiTaskBatchSampler`` (MoRE's one-task batches), dropout."""
+    rows = [{"task": f"t{i % 2}", "text": f"word{i % 7} item{i}", "label": i % 3} for i in range(40)]
+    data_file = tmp_path / "data.jsonl"
+    data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = Recipe.from_dict(
+        {
+            "model": {"name": "tiny-bert", "max_length": 16, "classifier_dropout": 0.1},
+            "mixture": {"method": "more", "r": 4, "lora_dropout": 0.1, "target_modules": ["query", "value"]},
+            "data": {"tasks": [{"jsonl": str(data_file)}], "validation": 2, "test": 2, "sampler": "more"},
+            "training": {"max_steps": 5, "batch_size": 4, "save_every": 2, "keep_last": None, "use_cpu": True,
+                         "progress_bar": False, "learning_rate": 1e-2},
+        }
+    )
+
+    def train(directory, callbacks=(), resume=False):
+        run = build_run(recipe)
+        trainer = Trainer(run.model, recipe.training, run.batches, directory, callbacks=callbacks)
+        trainer.train(resume_from=resume)
+        return run.model.adapter_state_dict()
+
+    expected = train(tmp_path / "reference")
+    with pytest.raises(Crash):
+        train(tmp_path / "resumed", callbacks=[_crash_at(3)])
+    got = train(tmp_path / "resumed", resume=True)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
