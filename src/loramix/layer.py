@@ -108,13 +108,20 @@ class MixtureLinear(nn.Module):
         hidden = self.router.transform(F.linear(dropped, self.lora_A), x, self.lora_A, routing)
         if self.a_index is not None:
             hidden = hidden[..., self.a_index]
-        if gate is None:
-            hidden = hidden * self.scale
-        else:
+        if gate is not None:
             if gate.dim() == 2 and hidden.dim() > 2:
                 gate = gate.view(gate.shape[0], *([1] * (hidden.dim() - 2)), gate.shape[-1])
-            hidden = hidden * (gate * self.scale)
-        return result + F.linear(hidden, self.lora_B).to(result.dtype)
+            hidden = hidden * gate
+        if hidden.dtype != result.dtype:
+            return result + (F.linear(hidden, self.lora_B) * self.scale).to(result.dtype)
+        # result + s · hidden Bᵀ in one GEMM: the scale and the residual add ride on addmm's alpha and beta
+        flat = torch.addmm(
+            result.reshape(-1, self.out_features),
+            hidden.reshape(-1, hidden.shape[-1]),
+            self.lora_B.t(),
+            alpha=self.scale,
+        )
+        return flat.view(result.shape)
 
     def delta_weight(self, task: int) -> torch.Tensor:
         """The fixed weight change of one task, ``s · B diag(g_t) A``, FloatTensor[d_out, d_in].
