@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from loramix.eval import matplotlib_available, routing_choices, routing_summary
 from loramix.train import Recipe, RecipeError, load_run, stack_examples
 from train_fixtures import classification_examples, classifier
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "rock", "fish"]
 
 
@@ -198,3 +200,18 @@ def test_mixture_errors_name_the_field(tmp_path, capsys):
     path = _recipe(tmp_path, generation=False, mixture={"method": "moelora", "r": 0})
     assert main(["train", str(path)]) == 2
     assert "mixture: MixtureConfig.r=0 is invalid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["more_minilm", "two_stage_moelora", "smollm2_generation"])
+def test_shipped_recipes_load_and_round_trip(name, tmp_path):
+    recipe = Recipe.from_yaml(RECIPES / f"{name}.yaml")
+    recipe.to_yaml(tmp_path / "copy.yaml")
+    assert Recipe.from_yaml(tmp_path / "copy.yaml") == recipe
+
+
+def test_demo_file_gives_one_recipe_per_method(tmp_path):
+    from loramix.train.demo import demo_recipes
+
+    recipes = demo_recipes(yaml.safe_load((RECIPES / "demo.yaml").read_text()), tmp_path, max_steps=3)
+    assert [recipe.label for recipe in recipes] == ["more", "lora"]
+    assert all(recipe.training.max_steps == 3 and recipe.output_dir.startswith(str(tmp_path)) for recipe in recipes)
