@@ -70,13 +70,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``loramix`` command."""
-    parser = argparse.ArgumentParser(prog="loramix", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="loramix", description="Multi-task fine-tuning of transformers with mixtures of LoRA experts."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train the run a YAML recipe describes")
     train.add_argument("recipe", help="the recipe file")
     train.add_argument("--output-dir", help="override the recipe's output_dir")
-    train.add_argument("--max-steps", type=int, help="override training.max_steps")
+    train.add_argument("--max-steps", type=int, help="override training.max_steps (and so stages without their own)")
     train.add_argument(
         "--resume", nargs="?", const="latest", default=None,
         help="continue from the latest checkpoint in the output directory, or from the one given",
