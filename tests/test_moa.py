@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from torch import nn
 
 import tiny_models
@@ -282,6 +283,19 @@ def test_merge_with_label_equals_unmerged_and_router_mode_refuses() -> None:
         expected = model(**inputs, task_ids=[1, 1, 1]).logits
         merged = model.merge(1)
         torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_by_label_loads_in_peft_with_same_logits(tmp_path: Path) -> None:
+    model = moa_model()
+    inputs = tiny_models.batch("llama")
+    with route_by(model, "label"), torch.no_grad():
+        expected = model(**inputs, task_ids=[2, 2, 2]).logits
+        model.export(tmp_path, task=2)
+    with pytest.raises(TypeError, match="routes on the input"):
+        model.export(tmp_path / "routed", task=2)
+    peft_model = PeftModel.from_pretrained(tiny_models.build("llama"), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_config_validation() -> None:
