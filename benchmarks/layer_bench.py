@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (larger sizes on cuda)")
+    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 3 quick, 7 cpu, 10 cuda)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -205,6 +206,7 @@ def main() -> None:
         layer_sizes = {"dim": 1024, "batch": 4, "seq": 512, "total_rank": 32}
         llama_sizes = {"hidden": 512, "layers": 4, "batch": 4, "seq": 256}
         rounds, expert_counts = 7, (1, 4, 8, 16)
+    rounds = args.rounds or rounds
     layer_rows = [layer_case(**layer_sizes, experts=e, rounds=rounds) for e in expert_counts]
     llama_row = llama_step_case(**llama_sizes, total_rank=layer_sizes["total_rank"], experts=4, rounds=rounds)
     report = {
