@@ -77,6 +77,7 @@ class Variant:
         num_experts: E (``per_task_lora``: the number of tasks).
         options: ``method_options``.
         sampling: ``"more"`` (one task per batch, MoRE's rule) or ``"random"`` (mixed batches).
+        lr: learning rate, or ``None`` for the sweep's.
     """
 
     name: str
@@ -85,6 +86,7 @@ class Variant:
     num_experts: int = 1
     options: dict[str, Any] = field(default_factory=dict)
     sampling: str = "more"
+    lr: float | None = None
 
 
 def variants(num_tasks: int) -> list[Variant]:
@@ -101,6 +103,8 @@ def variants(num_tasks: int) -> list[Variant]:
         Variant("more_no_straight_through", "more", options={"straight_through": False}),
         Variant("more_ranks_1248", "more", options={"candidate_ranks": [1, 2, 4, 8]}),
         Variant("more_random_sampling", "more", sampling="random"),
+        Variant("lora_r8_lr3e-3", "lora", lr=3e-3),
+        Variant("more_r8_lr3e-3", "more", lr=3e-3),
     ]
 
 
@@ -297,7 +301,8 @@ def train_run(variant: Variant, seed: int, tasks: list[TaskData], settings: Sett
     torch.manual_seed(seed)
     model = build_model(variant, tasks, settings.trained_layers)
     params = [param for param in model.parameters() if param.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01)
+    lr = variant.lr or settings.lr
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = max(1, settings.steps // 10)
 
     def schedule(step: int) -> float:
@@ -336,7 +341,7 @@ def train_run(variant: Variant, seed: int, tasks: list[TaskData], settings: Sett
         "seed": seed,
         "steps": settings.steps,
         "batch_size": settings.batch_size,
-        "lr": settings.lr,
+        "lr": lr,
         "trained_layers": settings.trained_layers,
         "split_sizes": {task.name: {k: len(v) for k, v in task.splits.items()} for task in tasks},
         "trainable_params": trainable_parameters(model),
