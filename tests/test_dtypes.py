@@ -6,34 +6,20 @@ import pytest
 import torch
 
 from loramix import MixtureConfig, available_methods, get_mixture_model
-from tiny_models import TARGETS, batch, build
+from tiny_models import METHOD_SETTINGS, TARGETS, batch, build
 
-ALL_METHODS = {
-    "lora": {"r": 2},
-    "per_task_lora": {"r": 2, "num_experts": 3},
-    "moelora": {"r": 2, "num_experts": 3},
-    "more": {"r": 4},
-    "moa": {"r": 2, "num_experts": 3},
-    "mtl_lora": {"r": 2, "num_experts": 3},
-    "hydralora": {"r": 2, "num_experts": 3},
-    "mixlora": {"r": 2, "num_experts": 4},
-    "mode": {"r": 2, "num_experts": 3},
-    "smora": {"r": 8, "top_k": 2},
-    "malora": {"r": 2, "num_experts": 4},
-    "conditional_mixlora": {"r": 2, "num_experts": 6},
-}
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
 def test_the_table_covers_every_method() -> None:
-    assert sorted(ALL_METHODS) == available_methods()
+    assert sorted(METHOD_SETTINGS) == available_methods()
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", sorted(ALL_METHODS))
+@pytest.mark.parametrize("method", sorted(METHOD_SETTINGS))
 def test_every_method_trains_in_bf16(method: str, device: str) -> None:
     base = build("llama").to(device, torch.bfloat16)
-    config = MixtureConfig(method=method, num_tasks=3, target_modules=TARGETS["llama"], **ALL_METHODS[method])
+    config = MixtureConfig(method=method, num_tasks=3, target_modules=TARGETS["llama"], **METHOD_SETTINGS[method])
     mixture = get_mixture_model(base, config).train()
     inputs = {key: value.to(device) for key, value in batch("llama").items()}
     loss = mixture(**inputs, labels=inputs["input_ids"], task_ids=torch.tensor([0, 2, 1], device=device)).loss

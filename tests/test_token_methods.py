@@ -13,7 +13,7 @@ from loramix.config import ConfigError
 from loramix.context import ContextHolder, RoutingContext
 from loramix.layer import MixtureLinear
 from loramix.methods import get_method
-from tiny_models import TARGETS, batch, build, randomize_adapters
+from tiny_models import INPUT_ROUTED, METHOD_SETTINGS, TARGETS, batch, build, randomize_adapters
 
 D_IN, D_OUT, TASKS = 12, 10, 3
 
@@ -186,16 +186,6 @@ def test_conditional_mixlora_matches_reference(x, conditional: bool) -> None:
     assert all(param.grad is not None and param.grad.abs().sum() > 0 for param in selectors)
 
 
-TOKEN_METHODS = {
-    "hydralora": {"r": 2, "num_experts": 3},
-    "mixlora": {"r": 2, "num_experts": 4},
-    "mode": {"r": 2, "num_experts": 3},
-    "smora": {"r": 8, "top_k": 2},
-    "malora": {"r": 2, "num_experts": 4},
-    "conditional_mixlora": {"r": 2, "num_experts": 6},
-}
-
-
 def _mixture(method: str, settings: dict) -> tuple[torch.nn.Module, MixtureModel]:
     base = build("llama")
     reference = copy.deepcopy(base)
@@ -203,10 +193,9 @@ def _mixture(method: str, settings: dict) -> tuple[torch.nn.Module, MixtureModel
     return reference, get_mixture_model(base, config)
 
 
-@pytest.mark.parametrize("method", [*TOKEN_METHODS, "mtl_lora"])
+@pytest.mark.parametrize("method", [*INPUT_ROUTED, "mtl_lora"])
 def test_trains_and_round_trips(method: str, tmp_path) -> None:
-    settings = TOKEN_METHODS.get(method, {"r": 2, "num_experts": 3})
-    reference, mixture = _mixture(method, settings)
+    reference, mixture = _mixture(method, METHOD_SETTINGS[method])
     inputs = batch("llama")
     tasks = torch.tensor([0, 1, 2])
     optimizer = torch.optim.AdamW([p for p in mixture.parameters() if p.requires_grad], lr=1e-2)
@@ -227,9 +216,9 @@ def test_trains_and_round_trips(method: str, tmp_path) -> None:
     torch.testing.assert_close(restored(**inputs, task_ids=tasks).logits, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("method", list(TOKEN_METHODS))
+@pytest.mark.parametrize("method", INPUT_ROUTED)
 def test_token_methods_refuse_merge_and_export(method: str, tmp_path) -> None:
-    _, mixture = _mixture(method, TOKEN_METHODS[method])
+    _, mixture = _mixture(method, METHOD_SETTINGS[method])
     with pytest.raises(TypeError, match="routes on the input"):
         mixture.merge(0)
     with pytest.raises(TypeError, match="routes on the input"):
@@ -251,7 +240,7 @@ def test_mtl_lora_merges_and_exports(diagonal: bool, tmp_path) -> None:
 
 
 def test_smora_bias_is_saved(tmp_path) -> None:
-    reference, mixture = _mixture("smora", TOKEN_METHODS["smora"])
+    reference, mixture = _mixture("smora", METHOD_SETTINGS["smora"])
     layer = next(iter(mixture.mixture_layers().values()))
     with torch.no_grad():
         layer.router.balance_bias.fill_(0.25)

@@ -25,6 +25,25 @@ TARGETS = {
 }
 
 
+# A small valid setting of every registered method (r, experts, top-k), for tests that sweep all methods.
+METHOD_SETTINGS = {
+    "lora": {"r": 2},
+    "per_task_lora": {"r": 2, "num_experts": 3},
+    "moelora": {"r": 2, "num_experts": 3},
+    "more": {"r": 4},
+    "moa": {"r": 2, "num_experts": 3},
+    "mtl_lora": {"r": 2, "num_experts": 3},
+    "hydralora": {"r": 2, "num_experts": 3},
+    "mixlora": {"r": 2, "num_experts": 4},
+    "mode": {"r": 2, "num_experts": 3},
+    "smora": {"r": 8, "top_k": 2},
+    "malora": {"r": 2, "num_experts": 4},
+    "conditional_mixlora": {"r": 2, "num_experts": 6},
+}
+# Methods that route on the input (per token or per sequence) and so cannot merge a task.
+INPUT_ROUTED = ("hydralora", "mixlora", "mode", "smora", "malora", "conditional_mixlora")
+
+
 def build(arch: str, seed: int = 0) -> torch.nn.Module:
     """A tiny model of family ``arch`` with seeded random weights, in eval mode."""
     torch.manual_seed(seed)

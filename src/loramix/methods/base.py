@@ -63,6 +63,21 @@ class Method:
         return cls.default_aux_loss_weight if config.aux_loss_weight is None else float(config.aux_loss_weight)
 
 
+class SharedDownProjection(Method):
+    """Methods whose experts share one down-projection A of r rows and own E up-projections of r columns.
+
+    The B bank's column ``e·r + q`` (expert e, component q) pairs with A's row q (HydraLoRA, MoDE, MTL-LoRA).
+    """
+
+    @classmethod
+    def bank_sizes(cls, config: MixtureConfig) -> tuple[int, int]:
+        return config.r, config.r * config.num_experts
+
+    @classmethod
+    def a_index(cls, config: MixtureConfig) -> torch.Tensor:
+        return torch.arange(config.r).repeat(config.num_experts)
+
+
 _REGISTRY: dict[str, type[Method]] = {}
 
 

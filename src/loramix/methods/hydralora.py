@@ -7,26 +7,16 @@ row q. The route depends on the input, so a task cannot be merged or exported.
 
 from __future__ import annotations
 
-import torch
-
 from loramix.config import MixtureConfig
-from loramix.methods.base import Method, register_method
+from loramix.methods.base import SharedDownProjection, register_method
 from loramix.routers import Router, TokenSoftmaxRouter
 
 
 @register_method
-class HydraLoRA(Method):
+class HydraLoRA(SharedDownProjection):
     """HydraLoRA: shared A, E B heads, dense token router."""
 
     name = "hydralora"
-
-    @classmethod
-    def bank_sizes(cls, config: MixtureConfig) -> tuple[int, int]:
-        return config.r, config.r * config.num_experts
-
-    @classmethod
-    def a_index(cls, config: MixtureConfig) -> torch.Tensor:
-        return torch.arange(config.r).repeat(config.num_experts)
 
     @classmethod
     def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:

@@ -13,7 +13,7 @@ from torch import nn
 
 from loramix.config import MixtureConfig
 from loramix.context import RoutingContext
-from loramix.methods.base import Method, register_method
+from loramix.methods.base import SharedDownProjection, register_method
 from loramix.routers import Router
 
 
@@ -36,18 +36,10 @@ class DyadicRouter(Router):
 
 
 @register_method
-class MoDE(Method):
+class MoDE(SharedDownProjection):
     """MoDE: shared A, per-slot routers over m experts' up-projection vectors."""
 
     name = "mode"
-
-    @classmethod
-    def bank_sizes(cls, config: MixtureConfig) -> tuple[int, int]:
-        return config.r, config.r * config.num_experts
-
-    @classmethod
-    def a_index(cls, config: MixtureConfig) -> torch.Tensor:
-        return torch.arange(config.r).repeat(config.num_experts)
 
     @classmethod
     def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:

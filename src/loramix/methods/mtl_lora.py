@@ -18,7 +18,7 @@ from torch import nn
 
 from loramix.config import ConfigError, MixtureConfig
 from loramix.context import RoutingContext
-from loramix.methods.base import Method, register_method
+from loramix.methods.base import SharedDownProjection, register_method
 from loramix.routers import Router
 
 OPTIONS = ("temperature", "diagonal")
@@ -66,7 +66,7 @@ class TaskTransformRouter(Router):
 
 
 @register_method
-class MTLLoRA(Method):
+class MTLLoRA(SharedDownProjection):
     """MTL-LoRA: shared A, per-task r × r transform, task-weighted mix of n shared B."""
 
     name = "mtl_lora"
@@ -79,14 +79,6 @@ class MTLLoRA(Method):
         temperature = config.method_options.get("temperature", 0.1)
         if not isinstance(temperature, (int, float)) or temperature <= 0:
             raise ConfigError(f"MixtureConfig.method_options['temperature']={temperature!r}: expected a number > 0")
-
-    @classmethod
-    def bank_sizes(cls, config: MixtureConfig) -> tuple[int, int]:
-        return config.r, config.r * config.num_experts
-
-    @classmethod
-    def a_index(cls, config: MixtureConfig) -> torch.Tensor:
-        return torch.arange(config.r).repeat(config.num_experts)
 
     @classmethod
     def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
