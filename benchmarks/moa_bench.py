@@ -79,9 +79,9 @@ class Bench:
     def __post_init__(self) -> None:
         length = {"max_length": self.max_length, "seed": self.seed}
         self.stage1 = self.stage1 or StageSettings(steps=24, per_domain_batch=2, lr=4e-3, **length)
-        self.stage2 = self.stage2 or StageSettings(steps=8, per_domain_batch=2, lr=1e-2, **length)
+        self.stage2 = self.stage2 or StageSettings(steps=12, per_domain_batch=2, lr=3e-3, **length)
         self.new_expert = self.new_expert or StageSettings(steps=20, per_domain_batch=4, lr=4e-3, **length)
-        self.new_routers = self.new_routers or StageSettings(steps=6, per_domain_batch=1, lr=1e-2, **length)
+        self.new_routers = self.new_routers or StageSettings(steps=6, per_domain_batch=1, lr=3e-3, **length)
 
 
 def quick_bench() -> Bench:

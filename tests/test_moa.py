@@ -82,8 +82,8 @@ def test_layer_matches_a_loop_over_experts(gate: str) -> None:
     with holder.activate(RoutingContext(task_ids=labels, attention_mask=mask)) as context:
         out = layer(x)
     for row in range(5):
-        real = x[row][mask[row].bool()]
-        probs = torch.softmax(layer.router.classifier(real.mean(0)), -1)
+        pooled = x[row][mask[row].bool()].mean(0)
+        probs = torch.softmax(layer.router.classifier(pooled / pooled.pow(2).mean().add(1e-6).sqrt()), -1)
         weights = probs if gate == "soft" else torch.nn.functional.one_hot(probs.argmax(), 4).float()
         expected = layer.base_layer(x[row])
         for expert in range(4):

@@ -19,7 +19,9 @@ Decisions where the paper is silent:
   layer. The q/k/v (and gate/up) projections of a block see the same input, so their routers are
   redundant classifiers of the same features; each one's accuracy is reported.
 - **Pooling**: the layer input averaged over non-pad tokens (``context.mask_for``; all tokens when no mask
-  fits), detached, so the router's loss never reshapes the experts or earlier layers.
+  fits), detached, so the router's loss never reshapes the experts or earlier layers, and scaled to unit
+  RMS (no learned weight), so one learning rate suits every layer: the inputs of q/k/v, o and down
+  projections differ in scale by orders of magnitude, and unscaled routers oscillated in stage 2.
 - **Gate**: ``"top1"`` (default) uses the argmax expert with weight exactly 1 in the forward and a
   straight-through gradient of its probability (the LM loss also teaches the router); ``"soft"`` weighs
   every expert by its softmax probability.
@@ -103,7 +105,7 @@ class DomainRouter(Router):
     def logits(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Router logits FloatTensor[batch, E] of a layer input FloatTensor[batch, seq, d_in]."""
         pooled = pool_sequences(x.detach(), mask).to(self.classifier.weight.dtype)
-        return self.classifier(pooled)
+        return self.classifier(pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + 1e-6))
 
     def forward(self, x: torch.Tensor, context: RoutingContext, layer_name: str) -> torch.Tensor:
         """Gate FloatTensor[batch, E*r] for the layer input x of shape [batch, seq, d_in]."""
