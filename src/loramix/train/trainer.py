@@ -127,6 +127,8 @@ class Trainer:
     def train(self, resume_from: str | Path | bool | None = None) -> TrainerState:
         """Run every stage (or what is left of them after a checkpoint) and save the final adapter.
 
+        Afterwards the parameters that were trainable before training are trainable again.
+
         Args:
             resume_from: a checkpoint directory, ``True`` for the latest one under ``output_dir`` (a fresh
                 start when there is none), or ``None``/``False`` for a fresh start.
@@ -145,6 +147,9 @@ class Trainer:
         for index in range(start_stage, len(self.stages)):
             self._run_stage(index, offset, checkpoint if index == start_stage else None)
             offset += self.stages[index].max_steps
+        candidates = set(self.candidates)
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(name in candidates)
         if self.accelerator.is_main_process:
             self.model.save_pretrained(self.output_dir / ADAPTER_DIR)
             self.logger.close()
