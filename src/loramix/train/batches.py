@@ -9,14 +9,13 @@ one for real multi-task data; :class:`TensorBatches` serves ready-made tensors (
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import torch
 
 Batch = dict[str, torch.Tensor]
 
 
-@runtime_checkable
 class BatchSource(Protocol):
     """Batches of one rank, resumable.
 
