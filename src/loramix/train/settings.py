@@ -146,6 +146,8 @@ class StageSettings:
         learning_rate: peak learning rate; ``None`` takes ``training.learning_rate``.
         warmup_steps: ``None`` takes ``training.warmup_steps``.
         schedule: ``None`` takes ``training.schedule``.
+        max_grad_norm: ``None`` takes ``training.max_grad_norm``; 0 turns clipping off for this stage (MoA's
+            stage 1: a global norm would couple the experts of different domains).
         trainable: patterns of the parameters that train (``None``: all candidates).
         frozen: patterns of candidates kept frozen in this stage (applied after ``trainable``).
         lr_multipliers: pattern -> factor of the learning rate for matching parameters (first match
@@ -160,6 +162,7 @@ class StageSettings:
     learning_rate: float | None = None
     warmup_steps: int | None = None
     schedule: str | None = None
+    max_grad_norm: float | None = None
     trainable: list[str] | None = None
     frozen: list[str] = field(default_factory=list)
     lr_multipliers: dict[str, float] = field(default_factory=dict)
@@ -176,6 +179,8 @@ class StageSettings:
             _positive_int(section, "warmup_steps", self.warmup_steps, minimum=0)
         if self.learning_rate is not None:
             _number(section, "learning_rate", self.learning_rate)
+        if self.max_grad_norm is not None:
+            _number(section, "max_grad_norm", self.max_grad_norm)
         if self.schedule is not None and self.schedule not in SCHEDULES:
             raise RecipeError(f"{section}.schedule={self.schedule!r} is invalid: expected one of {SCHEDULES}")
         _patterns(section, "trainable", self.trainable)
@@ -205,4 +210,5 @@ class StageSettings:
             learning_rate=self.learning_rate if self.learning_rate is not None else training.learning_rate,
             warmup_steps=self.warmup_steps if self.warmup_steps is not None else training.warmup_steps,
             schedule=self.schedule if self.schedule is not None else training.schedule,
+            max_grad_norm=self.max_grad_norm if self.max_grad_norm is not None else training.max_grad_norm,
         )

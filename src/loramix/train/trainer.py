@@ -216,7 +216,7 @@ class Trainer:
         examples, started = 0, time.perf_counter()
         wrapped.train()
         while self.state.stage_step < stage.max_steps:
-            record, count = self._step(wrapped, optimizer, scheduler, stream)
+            record, count = self._step(wrapped, optimizer, scheduler, stream, stage.max_grad_norm)
             self.state.stage_step += 1
             self.state.global_step += 1
             examples += count
@@ -249,6 +249,7 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         stream: Iterator[Batch],
+        max_grad_norm: float | None,
     ) -> tuple[dict[str, Any], int]:
         accelerator = self.accelerator
         accumulation = self.settings.gradient_accumulation_steps
@@ -267,9 +268,9 @@ class Trainer:
             losses.append(outputs["loss"].detach().float())
             for name, value in self.model.last_aux_losses.items():
                 aux.setdefault(name, []).append(value.detach().float())
-        if self.settings.max_grad_norm:
+        if max_grad_norm:
             params = [param for param in self.model.parameters() if param.requires_grad]
-            accelerator.clip_grad_norm_(params, self.settings.max_grad_norm)
+            accelerator.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         self.model.step_end()
         scheduler.step()
