@@ -23,9 +23,8 @@ def test_trainer_optimises_task_loss_plus_aux_losses(tmp_path):
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
-        # MixtureModel.forward(*args, task_ids=None, **kwargs) names no input column, so the Trainer's
-        # column filter would drop input_ids: keep every column the collator makes.
-        remove_unused_columns=False,
+        # the default column filter keeps what MixtureModel.forward's signature names: the wrapped
+        # model's inputs plus task_ids
     )
     trainer = Trainer(model=model, args=arguments, train_dataset=examples, data_collator=stack_examples)
 

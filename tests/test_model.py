@@ -271,3 +271,15 @@ def test_gradient_checkpointing_recomputes_with_the_same_routes() -> None:
     for name, param in checkpointed.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param.grad, grads[name], **CLOSE)
+
+
+def test_forward_signature_names_the_inputs_and_task_ids() -> None:
+    import inspect
+
+    _, mixture = make("llama", "moelora")
+    names = list(inspect.signature(mixture.forward).parameters)
+    assert names[:2] == ["input_ids", "attention_mask"] and "labels" in names and "task_ids" in names
+    copied = copy.deepcopy(mixture)
+    inputs = batch("llama")
+    torch.testing.assert_close(copied(**inputs, task_ids=TASKS).logits, mixture(**inputs, task_ids=TASKS).logits)
+    assert copied.forward.args[0] is copied

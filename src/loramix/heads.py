@@ -71,6 +71,6 @@ class MultiTaskSequenceClassifier(nn.Module):
         logits = pooled.new_full((pooled.shape[0], width), float("-inf"))
         for task in task_ids.unique().tolist():
             rows = task_ids == task
-            logits[rows, : self.labels_per_task[task]] = self.heads[task](pooled[rows])
+            logits[rows, : self.labels_per_task[task]] = self.heads[task](pooled[rows]).to(logits.dtype)
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import json
 import re
@@ -73,6 +74,14 @@ def find_target_modules(model: nn.Module, config: MixtureConfig) -> list[str]:
     return names
 
 
+def _signature_with_task_ids(forward: Any) -> inspect.Signature:
+    """The signature of ``forward`` with a keyword-only ``task_ids=None`` (before any ``**kwargs``)."""
+    parameters = [p for p in inspect.signature(forward).parameters.values() if p.name != "task_ids"]
+    task_ids = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+    position = next((i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters))
+    return inspect.Signature([*parameters[:position], task_ids, *parameters[position:]])
+
+
 def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int | None:
     for key in ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features"):
         value = kwargs.get(key)
@@ -105,6 +114,10 @@ class MixtureModel(nn.Module):
         self.last_aux_losses: dict[str, torch.Tensor] = {}
         self.last_records: dict[str, Any] = {}
         self._passes_task_ids = "task_ids" in inspect.signature(model.forward).parameters
+        # Callers that read forward's signature (transformers.Trainer keeps only the batch columns it names)
+        # see the wrapped model's inputs plus task_ids.
+        self.forward = functools.partial(MixtureModel.forward, self)
+        self.forward.__signature__ = _signature_with_task_ids(model.forward)
         targets = find_target_modules(model, config)
         for param in model.parameters():
             param.requires_grad_(False)

@@ -9,8 +9,8 @@ Every rank-1 component of one LoRA of rank R (``config.r``) is an expert. Per to
     h   = W0 x + (alpha / k) Σ_{i ∈ idx} ĝ_i B[:, i] A[i, :] x
 
 After each optimizer step (``MixtureModel.step_end()``), ``b_i += u · sign(mean count − count_i)`` over
-the tokens routed since the last step (u = ``method_options["bias_update_rate"]``, default 1e-5): load
-balance without an auxiliary loss. The bias is saved with the adapter. Token-level, so not mergeable.
+the tokens routed since the last step, summed over all processes in distributed training
+(u = ``method_options["bias_update_rate"]``, default 1e-5): load balance without an auxiliary loss. The bias is saved with the adapter. Token-level, so not mergeable.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ class RankRouter(Router):
 
     @torch.no_grad()
     def step_end(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.counts)  # every rank updates its bias from the global counts
         if self.counts.sum() > 0:
             self.balance_bias += self.update_rate * torch.sign(self.counts.mean() - self.counts)
         self.counts.zero_()
