@@ -1,8 +1,7 @@
 """``loramix demo``: train several methods on one recipe, then compare them per task.
 
 The demo file is YAML with two sections: ``recipe`` (a recipe shared by every method, without
-``mixture``) and ``methods`` (a list of ``{name, mixture}``; an entry may give a ``fallback`` mixture used
-when its method is not registered in this installation).
+``mixture``) and ``methods`` (a list of ``{name, mixture}``).
 """
 
 from __future__ import annotations
@@ -14,12 +13,11 @@ from typing import Any
 
 import yaml
 
-from loramix.methods import available_methods
 from loramix.train.recipe import Recipe
 from loramix.train.settings import RecipeError
 
 DEMO_RECIPE = "demo.yaml"
-_METHOD_KEYS = {"name", "mixture", "fallback"}
+_METHOD_KEYS = {"name", "mixture"}
 
 
 def default_demo_recipe() -> Path:
@@ -46,13 +44,9 @@ def demo_recipes(spec: dict[str, Any], output_dir: Path, max_steps: int | None =
         raise RecipeError(f"a demo file has the sections 'recipe' and 'methods' (found {sorted(spec)})")
     recipes = []
     for index, entry in enumerate(spec["methods"]):
-        if not isinstance(entry, dict) or not {"name", "mixture"} <= set(entry) or set(entry) - _METHOD_KEYS:
-            raise RecipeError(f"methods[{index}] must have the keys name and mixture (and optionally fallback)")
+        if not isinstance(entry, dict) or set(entry) != _METHOD_KEYS:
+            raise RecipeError(f"methods[{index}] must have exactly the keys name and mixture")
         mixture = entry["mixture"]
-        if mixture.get("method") not in available_methods() and "fallback" in entry:
-            print(f"loramix demo: method {mixture.get('method')!r} is not available; {entry['name']} uses "
-                  f"{entry['fallback'].get('method')!r} instead")
-            mixture = entry["fallback"]
         data = copy.deepcopy(spec["recipe"])
         data.update(name=entry["name"], mixture=mixture, output_dir=str(output_dir / entry["name"]))
         recipe = Recipe.from_dict(data)
