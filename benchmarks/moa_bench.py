@@ -7,6 +7,7 @@ Runs (each writes ``<out>/<run>.json`` when it ends; a rerun skips runs whose JS
 - ``oracle``: MoA's stage-1 experts (one LoRA per domain, trained in one run) with the true domain label.
 - ``moa_router``: stage 2, the router picks each sequence's expert (top-1); router accuracy.
 - ``moa_soft``: the same routers with the soft gate (softmax weights over all experts).
+- ``moa_router_long``: stage 2 three times longer at a higher learning rate (36 steps, 1e-2).
 - ``moa_added``: after a fifth domain is added with :func:`loramix.moa.add_domain`; old domains' scores
   before (``moa_router``) and after, the new domain's score, router accuracy over five domains.
 
@@ -52,7 +53,7 @@ DOMAINS = [
     ("elements", "periodic_elements", ["subtask_0", "subtask_1"]),
 ]
 NEW_DOMAIN = ("counting", "object_counting", None)
-RUN_ORDER = ["oracle", "moa_router", "moa_added", "lora_mixed", "base", "moa_soft"]
+RUN_ORDER = ["oracle", "moa_router", "moa_added", "lora_mixed", "base", "moa_soft", "moa_router_long"]
 Item = tuple[str, list[str]]
 
 
@@ -70,6 +71,7 @@ class Bench:
     targets: list[str] | str = UPPER_BLOCKS
     stage1: StageSettings = None  # type: ignore[assignment]
     stage2: StageSettings = None  # type: ignore[assignment]
+    stage2_long: StageSettings = None  # type: ignore[assignment]
     new_expert: StageSettings = None  # type: ignore[assignment]
     new_routers: StageSettings = None  # type: ignore[assignment]
     replay_per_domain: int = 16
@@ -80,6 +82,7 @@ class Bench:
         length = {"max_length": self.max_length, "seed": self.seed}
         self.stage1 = self.stage1 or StageSettings(steps=24, per_domain_batch=2, lr=4e-3, **length)
         self.stage2 = self.stage2 or StageSettings(steps=12, per_domain_batch=2, lr=3e-3, **length)
+        self.stage2_long = self.stage2_long or StageSettings(steps=36, per_domain_batch=2, lr=1e-2, **length)
         self.new_expert = self.new_expert or StageSettings(steps=20, per_domain_batch=4, lr=4e-3, **length)
         self.new_routers = self.new_routers or StageSettings(steps=6, per_domain_batch=1, lr=3e-3, **length)
 
@@ -89,7 +92,8 @@ def quick_bench() -> Bench:
     tiny = StageSettings(steps=2, per_domain_batch=1, lr=1e-2, max_length=24)
     return Bench(
         quick=True, train_per_domain=4, test_per_domain=2, max_length=24, max_new_tokens=3, rank=2, targets=TARGETS,
-        stage1=tiny, stage2=tiny, new_expert=tiny, new_routers=tiny, replay_per_domain=2, eval_batch=8,
+        stage1=tiny, stage2=tiny, stage2_long=tiny, new_expert=tiny, new_routers=tiny, replay_per_domain=2,
+        eval_batch=8,
     )
 
 
@@ -294,15 +298,16 @@ class Runner:
 
         return self._cached("stage1", build)
 
-    def stage2(self) -> MixtureModel:
+    def stage2(self, tag: str = "stage2") -> MixtureModel:
+        settings = self.bench.stage2_long if tag == "stage2_long" else self.bench.stage2
+
         def build() -> MixtureModel:
             model = self.stage1()
             model.requires_grad_(False)
-            domains = dict(enumerate(self.train[:4]))
-            train_routers(model, domains, self._settings(self.bench.stage2), self._log("stage2"))
+            train_routers(model, dict(enumerate(self.train[:4])), self._settings(settings), self._log(tag))
             return model
 
-        return self._cached("stage2", build)
+        return self._cached(tag, build)
 
     def added(self) -> MixtureModel:
         def build() -> MixtureModel:
@@ -333,14 +338,14 @@ class Runner:
             with route_by(model, "label"):
                 result["exact_match"] = exact_match(model, self.tokenizer, tests, self.bench, use_labels=True)
             result["train_seconds"] = self._train_seconds("stage1")
-        elif name in ("moa_router", "moa_soft"):
-            model = self.stage2()
+        elif name in ("moa_router", "moa_soft", "moa_router_long"):
+            model = self.stage2("stage2_long" if name == "moa_router_long" else "stage2")
             if name == "moa_soft":
                 for layer in model.mixture_layers().values():
                     layer.router.gate = "soft"
             result["exact_match"] = exact_match(model, self.tokenizer, tests, self.bench)
             result["router"] = router_stats(model, self.tokenizer, tests, self.bench)
-            result["train_seconds"] = self._train_seconds("stage2")
+            result["train_seconds"] = self._train_seconds("stage2_long" if name == "moa_router_long" else "stage2")
         elif name == "moa_added":
             model = self.added()
             result["domains"] = [*names, NEW_DOMAIN[0]]
