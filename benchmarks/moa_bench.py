@@ -380,6 +380,21 @@ def run_all(bench: Bench, out: Path, adapters: Path, runs: Sequence[str]) -> Non
 
 
 # ---------------------------------------------------------------------------------------------- table
+def sizes_note(settings: dict[str, Any]) -> str:
+    """One paragraph saying how big the runs were."""
+    steps = {key: settings[key]["steps"] for key in ("stage1", "stage2", "new_expert", "new_routers")}
+    return (
+        f"{settings['train_per_domain']} train / {settings['test_per_domain']} test examples per domain "
+        f"(seeded splits), rows of {settings['max_length']} tokens, greedy decoding of "
+        f"{settings['max_new_tokens']} tokens; r = {settings['rank']}, alpha = {settings['lora_alpha']}, targets "
+        f"`{settings['targets']}`. Steps (rows per domain per step): stage 1 and mixed LoRA {steps['stage1']} "
+        f"({settings['stage1']['per_domain_batch']}), stage 2 {steps['stage2']}, new expert {steps['new_expert']} "
+        f"({settings['new_expert']['per_domain_batch']}), new routers {steps['new_routers']} with "
+        f"{settings['replay_per_domain']} replay examples per old domain. Router accuracy on the test prompts: "
+        "majority vote of the layers' routers / mean over layers."
+    )
+
+
 def table(out: Path, command: str) -> str:
     """Markdown table of the runs in ``out``; also writes ``moa_table.md`` and ``moa_table.json`` next to it."""
     paths = {name: out / f"{name}.json" for name in RUN_ORDER}
@@ -407,7 +422,10 @@ def table(out: Path, command: str) -> str:
             rows.append(f"| {run} (label) | " + " | ".join(cells) + f" | {100 * sum(old) / 4:.1f} | – | – |")
     markdown = "\n".join(rows)
     text = f"# MoA benchmark (exact match, %)\n\nCommand: `{command}`\n\n{markdown}\n"
+    if results:
+        text += "\n" + sizes_note(results.get("moa_added", next(iter(results.values())))["settings"]) + "\n"
     target = out.parent if out.name == "moa" else out
+    target.mkdir(parents=True, exist_ok=True)
     (target / "moa_table.md").write_text(text)
     (target / "moa_table.json").write_text(json.dumps({"command": command, "runs": results}, indent=2) + "\n")
     return text
