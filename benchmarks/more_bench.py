@@ -104,7 +104,9 @@ def variants(num_tasks: int) -> list[Variant]:
         Variant("more_ranks_1248", "more", options={"candidate_ranks": [1, 2, 4, 8]}),
         Variant("more_random_sampling", "more", sampling="random"),
         Variant("lora_r8_lr3e-3", "lora", lr=3e-3),
+        Variant("moelora_4x2_lr3e-3", "moelora", r=2, num_experts=4, lr=3e-3),
         Variant("more_r8_lr3e-3", "more", lr=3e-3),
+        Variant("more_no_linear_scaling_lr3e-3", "more", options={"linear_scaling": False}, lr=3e-3),
     ]
 
 
