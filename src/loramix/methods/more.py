@@ -61,9 +61,7 @@ _BOOL_OPTIONS = ("linear_scaling", "task_embedding", "contrastive", "straight_th
 
 
 def _fail(option: str, value: Any, allowed: str) -> None:
-    raise ConfigError(
-        f"MixtureConfig.method_options[{option!r}]={value!r} is invalid for 'more': expected {allowed}"
-    )
+    raise ConfigError(f"MixtureConfig.method_options[{option!r}]={value!r} is invalid for 'more': expected {allowed}")
 
 
 @dataclass(frozen=True)
