@@ -181,7 +181,8 @@ class RankSelectorRouter(Router):
     def chosen_ranks(self) -> torch.Tensor:
         """The rank k_t each task uses (argmax of p_t), LongTensor[T]; with a soft mixture, R for all."""
         if not self.options.straight_through:
-            return torch.full((self.rank_probabilities().shape[0],), self.num_components, dtype=torch.long)
+            count = self.rank_probabilities().shape[0]
+            return torch.full((count,), self.num_components, dtype=torch.long, device=self.candidate_ranks.device)
         return self.candidate_ranks[self.rank_probabilities().argmax(dim=-1)]
 
     def task_gates(self) -> torch.Tensor:
