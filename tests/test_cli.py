@@ -42,14 +42,34 @@ def _recipe(tmp_path, generation: bool, **overrides) -> dict:
     recipe = {
         "name": "tiny",
         "output_dir": str(tmp_path / "run"),
-        "model": {"name": "tiny-llama" if generation else "tiny-bert",
-                  "task_type": "generation" if generation else "classification", "max_length": 32},
-        "mixture": {"method": "moelora", "r": 2, "num_experts": 2, "target_modules": ["q_proj", "v_proj"]
-                    if generation else ["query", "value"]},
-        "data": {"tasks": [{"jsonl": str(data_file), "labels": ["no", "yes"]} if not generation
-                           else {"jsonl": str(data_file)}], "validation": 4, "test": 6},
-        "training": {"max_steps": 4, "batch_size": 4, "learning_rate": 1e-2, "log_every": 2, "eval_every": 2,
-                     "progress_bar": False, "mixed_precision": "no", "use_cpu": True},
+        "model": {
+            "name": "tiny-llama" if generation else "tiny-bert",
+            "task_type": "generation" if generation else "classification",
+            "max_length": 32,
+        },
+        "mixture": {
+            "method": "moelora",
+            "r": 2,
+            "num_experts": 2,
+            "target_modules": ["q_proj", "v_proj"] if generation else ["query", "value"],
+        },
+        "data": {
+            "tasks": [
+                {"jsonl": str(data_file), "labels": ["no", "yes"]} if not generation else {"jsonl": str(data_file)}
+            ],
+            "validation": 4,
+            "test": 6,
+        },
+        "training": {
+            "max_steps": 4,
+            "batch_size": 4,
+            "learning_rate": 1e-2,
+            "log_every": 2,
+            "eval_every": 2,
+            "progress_bar": False,
+            "mixed_precision": "no",
+            "use_cpu": True,
+        },
         "eval": {"batch_size": 8, "max_new_tokens": 4},
     }
     recipe.update(overrides)
@@ -215,3 +235,51 @@ def test_demo_file_gives_one_recipe_per_method(tmp_path):
     recipes = demo_recipes(yaml.safe_load((RECIPES / "demo.yaml").read_text()), tmp_path, max_steps=3)
     assert [recipe.label for recipe in recipes] == ["more", "lora"]
     assert all(recipe.training.max_steps == 3 and recipe.output_dir.startswith(str(tmp_path)) for recipe in recipes)
+
+
+def test_add_domain_keeps_earlier_experts(tmp_path):
+    recipe = _recipe(
+        tmp_path,
+        generation=True,
+        mixture={"method": "moa", "r": 2, "num_experts": "tasks", "target_modules": ["q_proj", "v_proj"]},
+    )
+    assert main(["train", str(recipe), "--max-steps", "2"]) == 0
+    adapter = tmp_path / "run" / "adapter"
+    before = load_run(adapter).model
+    new_data = tmp_path / "reverse.jsonl"
+    rng = random.Random(1)
+    lines = []
+    for _ in range(30):
+        words = rng.sample(WORDS, 3)
+        lines.append({"text": " ".join(words), "target": " ".join(reversed(words))})
+    new_data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "grown"
+    args = [
+        "add-domain",
+        "--adapter",
+        str(adapter),
+        "--data",
+        str(new_data),
+        "--name",
+        "reverse",
+        "--out",
+        str(out),
+        "--expert-steps",
+        "2",
+        "--router-steps",
+        "2",
+        "--max-length",
+        "24",
+    ]
+    assert main(args) == 0
+    grown = load_run(out)
+    assert grown.task_set.names == [*load_run(adapter).task_set.names, "reverse"]
+    old_layers = before.mixture_layers()
+    for name, layer in grown.model.mixture_layers().items():
+        old = old_layers[name]
+        rank = old.lora_A.shape[0]
+        assert layer.lora_A.shape[0] == rank + 2
+        assert torch.equal(layer.lora_A[:rank], old.lora_A) and torch.equal(layer.lora_B[:, :rank], old.lora_B)
+        assert layer.lora_B[:, rank:].abs().sum() > 0
+    again = ["add-domain", "--adapter", str(out), "--data", str(new_data), "--name", "reverse", "--out", str(tmp_path)]
+    assert main(again) == 2  # the name is taken: a one-line error, nothing written

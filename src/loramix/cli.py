@@ -61,6 +61,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_domain(args: argparse.Namespace) -> int:
+    from loramix.moa.cli_step import add_domain_to_run
+    from loramix.moa.training import StageSettings
+
+    domain = add_domain_to_run(
+        args.adapter,
+        args.data,
+        args.name,
+        args.out,
+        replay_per_domain=args.replay,
+        expert=StageSettings(steps=args.expert_steps, lr=args.lr, max_length=args.max_length),
+        routers=StageSettings(steps=args.router_steps, lr=args.lr, max_length=args.max_length),
+    )
+    print(f"domain {args.name!r} added as expert {domain}: {args.out} (earlier experts unchanged)")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from loramix.train.demo import run_demo
 
@@ -80,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", help="override the recipe's output_dir")
     train.add_argument("--max-steps", type=int, help="override training.max_steps (and so stages without their own)")
     train.add_argument(
-        "--resume", nargs="?", const="latest", default=None,
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
         help="continue from the latest checkpoint in the output directory, or from the one given",
     )
     train.set_defaults(handler=_train)
@@ -107,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="where runs, report and plots go")
     demo.add_argument("--max-steps", type=int, help="override the training steps of every method")
     demo.set_defaults(handler=_demo)
+
+    grow = commands.add_parser("add-domain", help="add a domain to a trained MoA run without touching its experts")
+    grow.add_argument("--adapter", required=True, help="the MoA run's adapter directory")
+    grow.add_argument("--data", required=True, help="the new domain's JSON Lines file (text, target)")
+    grow.add_argument("--name", required=True, help="the new domain's name")
+    grow.add_argument("--out", required=True, help="where the grown adapter and its recipe go")
+    grow.add_argument("--replay", type=int, default=8, help="examples of each earlier domain replayed (default 8)")
+    grow.add_argument("--expert-steps", type=int, default=100, help="steps training the new expert")
+    grow.add_argument("--router-steps", type=int, default=50, help="steps retraining the routers")
+    grow.add_argument("--lr", type=float, default=1e-3, help="learning rate of both steps")
+    grow.add_argument("--max-length", type=int, default=96, help="tokens per training row")
+    grow.set_defaults(handler=_add_domain)
     return parser
 
 
