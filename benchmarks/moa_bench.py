@@ -91,8 +91,19 @@ def quick_bench() -> Bench:
     """Tiny sizes for the test suite."""
     tiny = StageSettings(steps=2, per_domain_batch=1, lr=1e-2, max_length=24)
     return Bench(
-        quick=True, train_per_domain=4, test_per_domain=2, max_length=24, max_new_tokens=3, rank=2, targets=TARGETS,
-        stage1=tiny, stage2=tiny, stage2_long=tiny, new_expert=tiny, new_routers=tiny, replay_per_domain=2,
+        quick=True,
+        train_per_domain=4,
+        test_per_domain=2,
+        max_length=24,
+        max_new_tokens=3,
+        rank=2,
+        targets=TARGETS,
+        stage1=tiny,
+        stage2=tiny,
+        stage2_long=tiny,
+        new_expert=tiny,
+        new_routers=tiny,
+        replay_per_domain=2,
         eval_batch=8,
     )
 
@@ -149,9 +160,15 @@ def load_base(bench: Bench, tokenizer: Any) -> torch.nn.Module:
     if bench.quick:
         torch.manual_seed(bench.seed)
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
         return LlamaForCausalLM(config).eval()
     return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32).eval()
@@ -160,8 +177,12 @@ def load_base(bench: Bench, tokenizer: Any) -> torch.nn.Module:
 def mixture(bench: Bench, tokenizer: Any, method: str, num_domains: int) -> MixtureModel:
     """A fresh mixture on a fresh base model."""
     config = MixtureConfig(
-        method=method, target_modules=bench.targets, r=bench.rank, lora_alpha=bench.lora_alpha,
-        num_experts=1 if method == "lora" else num_domains, num_tasks=num_domains,
+        method=method,
+        target_modules=bench.targets,
+        r=bench.rank,
+        lora_alpha=bench.lora_alpha,
+        num_experts=1 if method == "lora" else num_domains,
+        num_tasks=num_domains,
     )
     return get_mixture_model(load_base(bench, tokenizer), config)
 
@@ -198,8 +219,11 @@ def exact_match(
             if use_labels:
                 inputs["task_ids"] = torch.full((len(chunk),), domain, dtype=torch.long)
             generated = model.generate(
-                **inputs, max_new_tokens=bench.max_new_tokens, do_sample=False,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                **inputs,
+                max_new_tokens=bench.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
             )
             texts = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             for text, (_, answers) in zip(texts, chunk, strict=True):
@@ -314,8 +338,12 @@ class Runner:
             model = self.stage2()
             replay = {d: self.train[d][: self.bench.replay_per_domain] for d in range(4)}
             add_domain(
-                model, self.train[4], replay, self._settings(self.bench.new_expert),
-                self._settings(self.bench.new_routers), log=self._log("added"),
+                model,
+                self.train[4],
+                replay,
+                self._settings(self.bench.new_expert),
+                self._settings(self.bench.new_routers),
+                log=self._log("added"),
             )
             return model
 
@@ -412,8 +440,11 @@ def table(out: Path, command: str) -> str:
             router_cell = f"{100 * router['vote_accuracy']:.0f} / {100 * router['mean_layer_accuracy']:.0f}"
         seconds = result.get("train_seconds")
         rows.append(
-            f"| {run} | " + " | ".join(cells) + f" | {100 * sum(old) / 4:.1f} | {router_cell} | "
-            + (f"{seconds:.0f}" if seconds else "–") + " |"
+            f"| {run} | "
+            + " | ".join(cells)
+            + f" | {100 * sum(old) / 4:.1f} | {router_cell} | "
+            + (f"{seconds:.0f}" if seconds else "–")
+            + " |"
         )
         if "exact_match_with_label" in result:
             label = dict(zip(result["domains"], result["exact_match_with_label"], strict=True))

@@ -138,8 +138,15 @@ def test_resume_is_exact_with_the_data_modules_sampler(tmp_path):
             "model": {"name": "tiny-bert", "max_length": 16, "classifier_dropout": 0.1},
             "mixture": {"method": "more", "r": 4, "lora_dropout": 0.1, "target_modules": ["query", "value"]},
             "data": {"tasks": [{"jsonl": str(data_file)}], "validation": 2, "test": 2, "sampler": "more"},
-            "training": {"max_steps": 5, "batch_size": 4, "save_every": 2, "keep_last": None, "use_cpu": True,
-                         "progress_bar": False, "learning_rate": 1e-2},
+            "training": {
+                "max_steps": 5,
+                "batch_size": 4,
+                "save_every": 2,
+                "keep_last": None,
+                "use_cpu": True,
+                "progress_bar": False,
+                "learning_rate": 1e-2,
+            },
         }
     )
 

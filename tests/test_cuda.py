@@ -66,4 +66,3 @@ def test_cuda_export_matches_peft() -> None:
     mixture.export(directory, task=2)
     peft_model = PeftModel.from_pretrained(copy.deepcopy(reference), directory).eval()
     torch.testing.assert_close(peft_model(**inputs).logits, expected, rtol=1e-3, atol=1e-3)
-

@@ -50,7 +50,10 @@ WORKER = textwrap.dedent(
 
 def _single_process(directory) -> tuple[list[float], dict[str, torch.Tensor]]:
     settings = TrainingSettings(
-        batch_size=GLOBAL_BATCH, learning_rate=1e-2, progress_bar=False, mixed_precision="no",
+        batch_size=GLOBAL_BATCH,
+        learning_rate=1e-2,
+        progress_bar=False,
+        mixed_precision="no",
         use_cpu=True,
     )
     model = classifier()
@@ -71,8 +74,16 @@ def test_two_processes_match_one(tmp_path):
         "CUDA_VISIBLE_DEVICES": "",
     }
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-        str(script), str(tmp_path / "run"), str(result_file),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(script),
+        str(tmp_path / "run"),
+        str(result_file),
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     if completed.returncode != 0:

@@ -35,7 +35,11 @@ SETTINGS = StageSettings(steps=4, per_domain_batch=2, lr=1e-2, weight_decay=0.01
 
 def moa_model(arch: str = "llama", domains: int = 3, gate: str = "top1") -> MixtureModel:
     config = MixtureConfig(
-        method="moa", target_modules=tiny_models.TARGETS[arch], r=RANK, num_experts=domains, num_tasks=domains,
+        method="moa",
+        target_modules=tiny_models.TARGETS[arch],
+        r=RANK,
+        num_experts=domains,
+        num_tasks=domains,
         method_options={"gate": gate},
     )
     model = get_mixture_model(tiny_models.build(arch), config)
@@ -66,8 +70,9 @@ def same_experts(first: list, second: list) -> bool:
 @pytest.mark.parametrize("gate", ["top1", "soft"])
 def test_layer_matches_a_loop_over_experts(gate: str) -> None:
     torch.manual_seed(0)
-    config = MixtureConfig(method="moa", target_modules=["x"], r=RANK, num_experts=4, num_tasks=4,
-                           method_options={"gate": gate})
+    config = MixtureConfig(
+        method="moa", target_modules=["x"], r=RANK, num_experts=4, num_tasks=4, method_options={"gate": gate}
+    )
     holder = ContextHolder()
     layer = MixtureLinear(nn.Linear(8, 6), config, MoA, holder, "layer")
     with torch.no_grad():
@@ -164,16 +169,17 @@ def test_generate_keeps_the_prompt_route_for_every_token() -> None:
         model(**inputs)
     prompt_experts = {name: record["experts"] for name, record in model.last_records.items()}
     calls: list[int] = []
-    hooks = [router.classifier.register_forward_hook(lambda *_: calls.append(1)) for router in
-             domain_routers(model).values()]
+    hooks = [
+        router.classifier.register_forward_hook(lambda *_: calls.append(1)) for router in domain_routers(model).values()
+    ]
     generated = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
     for hook in hooks:
         hook.remove()
     assert len(calls) == len(prompt_experts)  # one routing per layer, on the prompt
     # Reference: each layer routed by label to the expert its router chose on the prompt.
     for name, router in domain_routers(model).items():
-        router.forward = lambda x, context, layer_name, router=router, chosen=prompt_experts[name]: (
-            router.expert_gates(chosen.repeat_interleave(x.shape[0] // chosen.shape[0]))
+        router.forward = lambda x, context, layer_name, router=router, chosen=prompt_experts[name]: router.expert_gates(
+            chosen.repeat_interleave(x.shape[0] // chosen.shape[0])
         )
     expected = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(generated, expected)
@@ -244,8 +250,9 @@ def test_add_domain_keeps_earlier_experts_byte_identical() -> None:
 
 
 def test_grow_domain_keeps_router_rows_and_names() -> None:
-    config = MixtureConfig(method="moa", target_modules=["q_proj"], r=RANK, num_experts=2, num_tasks=2,
-                           task_names=["math", "qa"])
+    config = MixtureConfig(
+        method="moa", target_modules=["q_proj"], r=RANK, num_experts=2, num_tasks=2, task_names=["math", "qa"]
+    )
     model = get_mixture_model(tiny_models.build("llama"), config)
     tiny_models.randomize_adapters(model)
     rows = {name: (r.classifier.weight.clone(), r.classifier.bias.clone()) for name, r in domain_routers(model).items()}

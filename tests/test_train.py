@@ -137,7 +137,10 @@ def test_stage_fields_fall_back_to_training():
     training = TrainingSettings(max_steps=7, learning_rate=0.5, max_grad_norm=2.0, schedule="cosine")
     inherited = StageSettings(name="a").resolved(training)
     assert (inherited.max_steps, inherited.learning_rate, inherited.max_grad_norm, inherited.schedule) == (
-        7, 0.5, 2.0, "cosine"
+        7,
+        0.5,
+        2.0,
+        "cosine",
     )
     stage = StageSettings(name="b", max_steps=3, learning_rate=0.1, max_grad_norm=0, schedule="constant")
     own = stage.resolved(training)

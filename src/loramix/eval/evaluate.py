@@ -89,5 +89,10 @@ def evaluate_adapters(
         print("loramix eval: matplotlib is not installed; skipping plots (pip install matplotlib)", file=sys.stderr)
     details = {"routing": routing, "adapters": [str(path) for path in adapter_dirs], "split": split}
     json_path, md_path = write_report(results, output_dir, details, drawn)
-    return {"results": results, "routing": routing, "report": json_path, "markdown": md_path,
-            "plots": [output_dir / name for name in drawn]}
+    return {
+        "results": results,
+        "routing": routing,
+        "report": json_path,
+        "markdown": md_path,
+        "plots": [output_dir / name for name in drawn],
+    }

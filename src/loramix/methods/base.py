@@ -20,20 +20,30 @@ class Method:
     Attributes:
         name: the registered name used in ``MixtureConfig.method``.
         default_aux_loss_weight: weight of the method's auxiliary loss when the config gives none.
+        options: the keys of ``MixtureConfig.method_options`` the method reads.
     """
 
     name: ClassVar[str] = ""
     default_aux_loss_weight: ClassVar[float] = 0.0
+    options: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
-        """Reject settings this method cannot honour (raise ``ConfigError`` naming the field)."""
+        """Reject settings this method cannot honour (raise ``ConfigError`` naming the field).
+
+        The base check rejects ``method_options`` keys outside :attr:`options`; subclasses add their own.
+        """
         from loramix.config import ConfigError
 
-        if config.method_options:
+        if config.method_options and not cls.options:
             raise ConfigError(
                 f"MixtureConfig.method_options={config.method_options!r} is invalid: method {cls.name!r} "
                 "takes no options"
+            )
+        unknown = sorted(set(config.method_options) - set(cls.options))
+        if unknown:
+            raise ConfigError(
+                f"MixtureConfig.method_options has unknown keys {unknown} for {cls.name!r}; known: {list(cls.options)}"
             )
 
     @classmethod

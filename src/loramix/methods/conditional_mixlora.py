@@ -98,12 +98,11 @@ class ConditionalMixLoRA(Method):
     """Conditional MixLoRA: a per-sequence rank-r LoRA assembled from pools of E rank-1 factors."""
 
     name = "conditional_mixlora"
+    options = ("conditional",)
 
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
-        unknown = sorted(set(config.method_options) - {"conditional"})
-        if unknown:
-            raise ConfigError(f"MixtureConfig.method_options has unknown keys {unknown} for 'conditional_mixlora'")
+        super().validate(config)
         if config.r > config.num_experts:
             raise ConfigError(
                 f"MixtureConfig.r={config.r} is invalid: 'conditional_mixlora' selects r factors from pools of "

@@ -69,13 +69,12 @@ class MALoRA(Method):
     """MALoRA: shared down-projection subspace, per-expert projections, widened up-projections, top-k tokens."""
 
     name = "malora"
+    options = OPTIONS
     default_aux_loss_weight = 0.001
 
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
-        unknown = sorted(set(config.method_options) - set(OPTIONS))
-        if unknown:
-            raise ConfigError(f"MixtureConfig.method_options has unknown keys {unknown} for 'malora': {OPTIONS}")
+        super().validate(config)
         subspace = config.method_options.get("subspace_rank", config.r * config.num_experts // 2)
         if not isinstance(subspace, int) or not 1 <= subspace <= config.r * config.num_experts:
             raise ConfigError(

@@ -128,9 +128,7 @@ class DomainRouter(Router):
         context.cache[layer_name] = gate.detach()
         return gate
 
-    def _record(
-        self, context: RoutingContext, layer_name: str, logits: torch.Tensor, experts: torch.Tensor
-    ) -> None:
+    def _record(self, context: RoutingContext, layer_name: str, logits: torch.Tensor, experts: torch.Tensor) -> None:
         record: dict[str, Any] = {"experts": experts.detach().cpu()}
         if context.task_ids is not None:
             labels = context.task_ids_for(logits.shape[0])
@@ -161,16 +159,12 @@ class MoA(Method):
     """
 
     name = "moa"
+    options = ("route_by", "gate")
     default_aux_loss_weight = 1.0
 
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
-        unknown = sorted(set(config.method_options) - {"route_by", "gate"})
-        if unknown:
-            raise ConfigError(
-                f"MixtureConfig.method_options has unknown keys {unknown} for 'moa': "
-                "expected 'route_by' and 'gate'"
-            )
+        super().validate(config)
         if config.method_options.get("route_by", "router") not in ROUTE_BY:
             raise ConfigError(
                 f"MixtureConfig.method_options['route_by']={config.method_options['route_by']!r} is invalid: "

@@ -70,12 +70,11 @@ class MTLLoRA(SharedDownProjection):
     """MTL-LoRA: shared A, per-task r × r transform, task-weighted mix of n shared B."""
 
     name = "mtl_lora"
+    options = OPTIONS
 
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
-        unknown = sorted(set(config.method_options) - set(OPTIONS))
-        if unknown:
-            raise ConfigError(f"MixtureConfig.method_options has unknown keys {unknown} for 'mtl_lora': {OPTIONS}")
+        super().validate(config)
         temperature = config.method_options.get("temperature", 0.1)
         if not isinstance(temperature, (int, float)) or temperature <= 0:
             raise ConfigError(f"MixtureConfig.method_options['temperature']={temperature!r}: expected a number > 0")

@@ -10,7 +10,8 @@ Every rank-1 component of one LoRA of rank R (``config.r``) is an expert. Per to
 
 After each optimizer step (``MixtureModel.step_end()``), ``b_i += u · sign(mean count − count_i)`` over
 the tokens routed since the last step, summed over all processes in distributed training
-(u = ``method_options["bias_update_rate"]``, default 1e-5): load balance without an auxiliary loss. The bias is saved with the adapter. Token-level, so not mergeable.
+(u = ``method_options["bias_update_rate"]``, default 1e-5): load balance without an auxiliary loss. The
+bias is saved with the adapter. Token-level, so not mergeable.
 """
 
 from __future__ import annotations
@@ -67,12 +68,11 @@ class SMoRA(Method):
     """SMoRA: each rank is an expert; top-k per token; bias-based load balance; scale alpha / k."""
 
     name = "smora"
+    options = ("bias_update_rate",)
 
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
-        unknown = sorted(set(config.method_options) - {"bias_update_rate"})
-        if unknown:
-            raise ConfigError(f"MixtureConfig.method_options has unknown keys {unknown} for 'smora'")
+        super().validate(config)
         if config.num_experts != 1:
             raise ConfigError(
                 f"MixtureConfig.num_experts={config.num_experts} is invalid: 'smora' makes each of the r ranks an "

@@ -109,9 +109,7 @@ def _expert_slices(model: MixtureModel, domains: Sequence[int]) -> list[tuple[to
 
 
 def _streams(domains: Mapping[int, Sequence[TokenizedExample]], settings: StageSettings) -> DomainStreams:
-    return DomainStreams(
-        domains, settings.per_domain_batch, settings.max_length, settings.pad_token_id, settings.seed
-    )
+    return DomainStreams(domains, settings.per_domain_batch, settings.max_length, settings.pad_token_id, settings.seed)
 
 
 def _run(

@@ -68,8 +68,11 @@ def _tiny_model(spec: ModelSpec, vocab_size: int, pad_token_id: int) -> torch.nn
     if spec.task_type != "generation":
         raise RecipeError("model.name='tiny-llama' is a causal LM: use task_type: generation")
     config = LlamaConfig(
-        vocab_size=vocab_size, num_key_value_heads=2, max_position_embeddings=spec.max_length,
-        pad_token_id=pad_token_id, **shape,
+        vocab_size=vocab_size,
+        num_key_value_heads=2,
+        max_position_embeddings=spec.max_length,
+        pad_token_id=pad_token_id,
+        **shape,
     )
     return LlamaForCausalLM(config)
 
@@ -105,12 +108,17 @@ def _load_source(source: SourceSpec, index: int) -> list[TaskData]:
     where = f"data.tasks[{index}]"
     if source.kind == "bigbench":
         data = load_bigbench_task(
-            source.bigbench, subtasks=source.subtasks, mode=source.mode, task_name=source.task,
+            source.bigbench,
+            subtasks=source.subtasks,
+            mode=source.mode,
+            task_name=source.task,
             max_examples=source.max_examples,
         )
         return [data]
     fields = {
-        "text_field": source.text_field, "label_field": source.label_field, "target_field": source.target_field,
+        "text_field": source.text_field,
+        "label_field": source.label_field,
+        "target_field": source.target_field,
         "labels": source.labels,
     }
     if source.kind == "jsonl":

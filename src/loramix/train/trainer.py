@@ -312,7 +312,12 @@ class Trainer:
         }
         rank_state = {"sampler": source.state_dict(), "rng": get_rng_state()}
         self.checkpoints.save(
-            self.state.global_step, self.model, optimizer, scheduler, trainer_state, rank_state,
+            self.state.global_step,
+            self.model,
+            optimizer,
+            scheduler,
+            trainer_state,
+            rank_state,
             scaler=self.accelerator.scaler,
         )
 
