@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up loramix in a local virtual environment (once), then run a command in it.
 #   bash scripts/run.sh demo        the main job: `loramix demo` on its defaults
-#   bash scripts/run.sh test        the test suite
+#   bash scripts/run.sh test        lint (ruff) and the test suite
 #   bash scripts/run.sh ARGS...     any other `loramix` command
 # The environment lives in $LORAMIX_VENV (default .venv). torch is installed first as the CPU build
 # pinned in $LORAMIX_TORCH (default torch==2.13.0), so no multi-GB CUDA build is pulled in.
@@ -27,6 +27,6 @@ fi
 command=${1:-demo}
 [ $# -gt 0 ] && shift
 case "$command" in
-    test) exec "$py" -m pytest -q "$@" ;;
+    test) "$venv/bin/ruff" check src tests benchmarks && exec "$py" -m pytest -q "$@" ;;
     *) exec "$venv/bin/loramix" "$command" "$@" ;;
 esac
