@@ -283,3 +283,10 @@ def test_add_domain_keeps_earlier_experts(tmp_path):
         assert layer.lora_B[:, rank:].abs().sum() > 0
     again = ["add-domain", "--adapter", str(out), "--data", str(new_data), "--name", "reverse", "--out", str(tmp_path)]
     assert main(again) == 2  # the name is taken: a one-line error, nothing written
+
+
+def test_bench_runs_a_benchmark_script(tmp_path):
+    assert main(["bench", "layer", "--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "layer_bench_quick.json").read_text())
+    assert [row["experts"] for row in report["layer"]] == [1, 4, 8, 16]
+    assert all(row["mixture_ms"] > 0 and row["peft_lora_ms"] > 0 for row in report["layer"])

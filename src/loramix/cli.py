@@ -1,4 +1,4 @@
-"""The ``loramix`` command: ``train``, ``eval``, ``merge``, ``export`` and ``demo``."""
+"""The ``loramix`` command: ``train``, ``eval``, ``merge``, ``export``, ``add-domain``, ``demo`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -78,6 +78,24 @@ def _add_domain(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = {"layer": "layer_bench.py", "more": "more_bench.py", "moa": "moa_bench.py"}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / BENCHMARKS[args.name]
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} does not exist: the benchmarks ship with the source checkout")
+    saved = sys.argv
+    sys.argv = [str(script), *args.options]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from loramix.train.demo import run_demo
 
@@ -139,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("--lr", type=float, default=1e-3, help="learning rate of both steps")
     grow.add_argument("--max-length", type=int, default=96, help="tokens per training row")
     grow.set_defaults(handler=_add_domain)
+
+    bench = commands.add_parser("bench", help="run a benchmark of benchmarks/ (layer, more, moa)")
+    bench.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options, e.g. --quick")
+    bench.set_defaults(handler=_bench)
     return parser
 
 
