@@ -73,6 +73,17 @@ class Method:
         return cls.default_aux_loss_weight if config.aux_loss_weight is None else float(config.aux_loss_weight)
 
 
+def require_one_expert_per_task(config: MixtureConfig, method: str, task_word: str = "task") -> None:
+    """Raise ``ConfigError`` unless ``num_experts == num_tasks`` (methods whose experts are the tasks)."""
+    from loramix.config import ConfigError
+
+    if config.num_experts != config.num_tasks:
+        raise ConfigError(
+            f"MixtureConfig.num_experts={config.num_experts} is invalid: {method!r} has one expert per "
+            f"{task_word} (num_tasks={config.num_tasks})"
+        )
+
+
 class SharedDownProjection(Method):
     """Methods whose experts share one down-projection A of r rows and own E up-projections of r columns.
 

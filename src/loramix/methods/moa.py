@@ -41,7 +41,7 @@ from torch import nn
 
 from loramix.config import ConfigError, MixtureConfig
 from loramix.context import RoutingContext
-from loramix.methods.base import Method, register_method
+from loramix.methods.base import Method, register_method, require_one_expert_per_task
 from loramix.routers import Router
 
 ROUTE_BY = ("router", "label")
@@ -175,11 +175,7 @@ class MoA(Method):
                 f"MixtureConfig.method_options['gate']={config.method_options['gate']!r} is invalid: "
                 f"expected one of {GATES}"
             )
-        if config.num_experts != config.num_tasks:
-            raise ConfigError(
-                f"MixtureConfig.num_experts={config.num_experts} is invalid: 'moa' has one expert per domain "
-                f"(num_tasks={config.num_tasks})"
-            )
+        require_one_expert_per_task(config, cls.name, task_word="domain")
 
     @classmethod
     def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:

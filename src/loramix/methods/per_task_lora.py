@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from loramix.config import ConfigError, MixtureConfig
-from loramix.methods.base import Method, register_method
+from loramix.config import MixtureConfig
+from loramix.methods.base import Method, register_method, require_one_expert_per_task
 from loramix.routers import Router, TaskOneHotRouter
 
 
@@ -18,11 +18,7 @@ class PerTaskLoRA(Method):
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
         super().validate(config)
-        if config.num_experts != config.num_tasks:
-            raise ConfigError(
-                f"MixtureConfig.num_experts={config.num_experts} is invalid: 'per_task_lora' needs one expert "
-                f"per task (num_tasks={config.num_tasks})"
-            )
+        require_one_expert_per_task(config, cls.name)
 
     @classmethod
     def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
