@@ -39,6 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from loramix import MixtureConfig, MixtureModel, get_mixture_model
 from loramix.assets import bigbench_tasks_dir, cache_dir, smollm2_path
 from loramix.moa import StageSettings, add_domain, route_by, train_adapters, train_experts, train_routers
+from loramix.model import mixture_config_file
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -289,7 +290,7 @@ class Runner:
     def _cached(self, tag: str, build: Callable[[], MixtureModel]) -> MixtureModel:
         directory = self.adapters / tag
         if (directory / "adapter_model.safetensors").is_file():
-            config = json.loads((directory / "adapter_config.json").read_text())
+            config = json.loads(mixture_config_file(directory).read_text())
             model = MixtureModel.from_pretrained(load_base(self.bench, self.tokenizer), directory)
             print(f"[{tag}] loaded {directory} ({config['method']})", flush=True)
             return model

@@ -122,7 +122,7 @@ def test_save_load_round_trip_is_exact(arch: str, tmp_path) -> None:
     inputs = batch(arch)
     expected = mixture(**inputs, task_ids=TASKS).logits
     mixture.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_model.safetensors", "loramix_config.json"]
     restored = MixtureModel.from_pretrained(copy.deepcopy(reference), tmp_path)
     torch.testing.assert_close(restored(**inputs, task_ids=TASKS).logits, expected, rtol=0, atol=0)
     assert restored.mixture_config == mixture.mixture_config

@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CONFIG_NAME = "adapter_config.json"
+CONFIG_NAME = "loramix_config.json"
+"""The file name of a saved mixture's config (its own name, so PEFT never mistakes it for a PEFT adapter)."""
+LEGACY_CONFIG_NAME = "adapter_config.json"
+"""The PEFT file name that mixtures saved before loramix 0.2 used (with ``peft_type: "LORAMIX"``); still read."""
 PEFT_TYPE = "LORAMIX"
+MAX_SIZE = 2**16
+"""Upper bound of ``r``, ``num_experts``, ``num_tasks`` and ``task_embedding_dim`` (a guard against absurd sizes)."""
 
 
 class ConfigError(ValueError):
@@ -24,6 +31,41 @@ class ConfigError(ValueError):
 
 def _fail(field_name: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"MixtureConfig.{field_name}={value!r} is invalid: expected {allowed}")
+
+
+def is_number(value: Any) -> bool:
+    """True for a finite int or float that is not a bool (``True`` is no number here, nor NaN or inf)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_count(value: Any, low: int = 1, high: int = MAX_SIZE) -> bool:
+    """True for an int (not a bool) in ``[low, high]``."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def check_option(method: str, key: str, value: Any, valid: bool, allowed: str) -> None:
+    """Raise ``ConfigError`` naming ``method_options[key]`` of ``method`` unless ``valid``."""
+    if not valid:
+        raise ConfigError(
+            f"MixtureConfig.method_options[{key!r}]={value!r} is invalid for {method!r}: expected {allowed}"
+        )
+
+
+def _check_patterns(field_name: str, value: Any, allow_none: bool) -> Any:
+    """Validate a ``target_modules``-like field: a regex string or a non-empty list of non-empty names."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        if value != "all-linear" or field_name != "target_modules":
+            try:
+                re.compile(value)
+            except re.error as err:
+                _fail(field_name, value, f"a valid regex or a list of module names (re.error: {err})")
+        return value
+    if not (isinstance(value, (list, tuple)) and value and all(isinstance(name, str) and name for name in value)):
+        what = "'all-linear', a regex" if field_name == "target_modules" else "None, a regex"
+        _fail(field_name, value, f"{what} or a non-empty list of module names")
+    return list(value)
 
 
 @dataclass
@@ -75,48 +117,56 @@ class MixtureConfig:
     base_model_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (construction does; call it again after changing fields by hand).
+
+        Numbers must be real numbers (not booleans, NaN or infinity), flags real booleans, lists real lists.
+
+        Raises:
+            ConfigError: a field is invalid; the message names it and what is allowed.
+        """
         from loramix.methods import available_methods, get_method
 
-        if self.method not in available_methods():
+        if not isinstance(self.method, str) or self.method not in available_methods():
             _fail("method", self.method, f"one of {sorted(available_methods())}")
-        if isinstance(self.target_modules, str):
-            if self.target_modules != "all-linear":
-                try:
-                    re.compile(self.target_modules)
-                except re.error as err:
-                    _fail("target_modules", self.target_modules, f"'all-linear', a list of names or a regex ({err})")
-        elif not (
-            isinstance(self.target_modules, (list, tuple))
-            and self.target_modules
-            and all(isinstance(name, str) and name for name in self.target_modules)
-        ):
-            _fail("target_modules", self.target_modules, "'all-linear', a regex or a non-empty list of module names")
-        else:
-            self.target_modules = list(self.target_modules)
-        if isinstance(self.exclude_modules, tuple):
-            self.exclude_modules = list(self.exclude_modules)
+        self.target_modules = _check_patterns("target_modules", self.target_modules, allow_none=False)
+        self.exclude_modules = _check_patterns("exclude_modules", self.exclude_modules, allow_none=True)
         for name in ("r", "num_experts", "num_tasks", "task_embedding_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                _fail(name, value, "a positive integer")
-        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            _fail("lora_alpha", self.lora_alpha, "a positive number")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            if not is_count(value):
+                _fail(name, value, f"a positive integer (at most {MAX_SIZE})")
+        if not is_number(self.lora_alpha) or self.lora_alpha <= 0:
+            _fail("lora_alpha", self.lora_alpha, "a finite positive number")
+        if not is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             _fail("lora_dropout", self.lora_dropout, "a number in [0, 1)")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+        if not isinstance(self.use_rslora, bool):
+            _fail("use_rslora", self.use_rslora, "true or false (a boolean, not a string or number)")
+        if self.top_k is not None and not is_count(self.top_k):
             _fail("top_k", self.top_k, "None or a positive integer")
-        if self.aux_loss_weight is not None and (
-            not isinstance(self.aux_loss_weight, (int, float)) or self.aux_loss_weight < 0
-        ):
-            _fail("aux_loss_weight", self.aux_loss_weight, "None or a non-negative number")
+        if self.aux_loss_weight is not None and (not is_number(self.aux_loss_weight) or self.aux_loss_weight < 0):
+            _fail("aux_loss_weight", self.aux_loss_weight, "None or a finite non-negative number")
         if self.task_names is not None:
+            if not isinstance(self.task_names, (list, tuple)) or not all(
+                isinstance(name, str) and name for name in self.task_names
+            ):
+                _fail("task_names", self.task_names, "None or a list of non-empty task names (strings)")
             if len(self.task_names) != self.num_tasks or len(set(self.task_names)) != len(self.task_names):
                 _fail("task_names", self.task_names, f"{self.num_tasks} distinct names (num_tasks)")
             self.task_names = list(self.task_names)
-        if self.init_lora_weights not in ("kaiming", "gaussian"):
+        if self.modules_to_save is not None:
+            if not isinstance(self.modules_to_save, (list, tuple)) or not all(
+                isinstance(name, str) and name for name in self.modules_to_save
+            ):
+                _fail("modules_to_save", self.modules_to_save, "None or a list of module names")
+            self.modules_to_save = list(self.modules_to_save)
+        if not isinstance(self.init_lora_weights, str) or self.init_lora_weights not in ("kaiming", "gaussian"):
             _fail("init_lora_weights", self.init_lora_weights, "'kaiming' or 'gaussian'")
-        if not isinstance(self.method_options, dict):
-            _fail("method_options", self.method_options, "a dict")
+        if not isinstance(self.method_options, dict) or not all(isinstance(key, str) for key in self.method_options):
+            _fail("method_options", self.method_options, "a mapping of option names to values")
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            _fail("base_model_name_or_path", self.base_model_name_or_path, "None or a string")
         get_method(self.method).validate(self)
 
     @property
@@ -127,16 +177,33 @@ class MixtureConfig:
     def task_index(self, task: int | str) -> int:
         """Return the id of a task given by id or by name.
 
+        Args:
+            task: an integer id in ``[0, num_tasks)`` or one of ``task_names``. Floats and booleans are not ids.
+
         Raises:
-            ValueError: the task is out of range or its name is unknown.
+            ValueError: the task is out of range, its name is unknown, or it is neither an id nor a name.
         """
         if isinstance(task, str):
-            if not self.task_names or task not in self.task_names:
+            if not self.task_names:
+                raise ValueError(
+                    f"unknown task {task!r}: this mixture has no task names; use an id in [0, {self.num_tasks})"
+                )
+            if task not in self.task_names:
                 raise ValueError(f"unknown task {task!r}; known tasks: {self.task_names}")
             return self.task_names.index(task)
-        if not isinstance(task, int) or not 0 <= task < self.num_tasks:
-            raise ValueError(f"task {task!r} is out of range: expected an id in [0, {self.num_tasks})")
-        return task
+        if isinstance(task, bool) or not isinstance(task, numbers.Integral):
+            raise ValueError(
+                f"task {task!r} ({type(task).__name__}) is not a task: expected an integer id in "
+                f"[0, {self.num_tasks}) or a task name{self._known_names()}"
+            )
+        if not 0 <= task < self.num_tasks:
+            raise ValueError(
+                f"task {int(task)} is out of range: expected an id in [0, {self.num_tasks}){self._known_names()}"
+            )
+        return int(task)
+
+    def _known_names(self) -> str:
+        return f" (known tasks: {self.task_names})" if self.task_names else ""
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-serialisable dict (with ``peft_type`` for the adapter file)."""
@@ -146,10 +213,23 @@ class MixtureConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MixtureConfig:
-        """Build a config from a dict, rejecting unknown keys by name."""
+        """Build a config from a dict, rejecting unknown keys by name.
+
+        Raises:
+            ConfigError: ``data`` is not a mapping, belongs to another PEFT type, has unknown keys or an
+                invalid value.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"a MixtureConfig must be a mapping of its fields; got {type(data).__name__}")
+        peft_type = data.get("peft_type", PEFT_TYPE)
+        if peft_type != PEFT_TYPE:
+            raise ConfigError(
+                f"this is the config of a PEFT {peft_type} adapter, not of a loramix mixture "
+                f"(peft_type {peft_type!r}, expected {PEFT_TYPE!r}): load it with peft.PeftModel.from_pretrained"
+            )
         data = {key: value for key, value in data.items() if key != "peft_type"}
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(map(str, data)) - known)
         if unknown:
             raise ConfigError(f"unknown MixtureConfig fields {unknown}; known fields: {sorted(known)}")
         return cls(**data)
@@ -160,8 +240,13 @@ class MixtureConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> MixtureConfig:
-        """Read a config written by :meth:`to_json` (or ``adapter_config.json``)."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a config written by :meth:`to_json` (or a saved mixture's ``loramix_config.json``).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ConfigError: the file is not valid JSON (naming the file and line) or holds an invalid config.
+        """
+        return cls._from_file(path, read_json_file(path))
 
     def to_yaml(self, path: str | Path) -> None:
         """Write the config as YAML."""
@@ -171,7 +256,40 @@ class MixtureConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> MixtureConfig:
-        """Read a config from YAML."""
+        """Read a config from YAML.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ConfigError: the file is not valid YAML (naming the file) or holds an invalid config.
+        """
         import yaml
 
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not a text file ({err.reason})") from None
+        return cls._from_file(path, data or {})
+
+    @classmethod
+    def _from_file(cls, path: str | Path, data: Any) -> MixtureConfig:
+        try:
+            return cls.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+
+def read_json_file(path: str | Path) -> Any:
+    """Parse a JSON file, turning a syntax error into a ``ConfigError`` naming the file and line.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConfigError: the file is not valid UTF-8 JSON.
+    """
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file ({err.reason})") from None

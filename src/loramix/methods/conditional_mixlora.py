@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loramix.config import ConfigError, MixtureConfig
+from loramix.config import ConfigError, MixtureConfig, check_option
 from loramix.context import RoutingContext
 from loramix.methods.base import Method, register_method
 from loramix.routers import Router, token_mask
@@ -108,6 +108,8 @@ class ConditionalMixLoRA(Method):
                 f"MixtureConfig.r={config.r} is invalid: 'conditional_mixlora' selects r factors from pools of "
                 f"num_experts={config.num_experts}"
             )
+        conditional = config.method_options.get("conditional", True)
+        check_option(cls.name, "conditional", conditional, isinstance(conditional, bool), "true or false (a boolean)")
 
     @classmethod
     def bank_sizes(cls, config: MixtureConfig) -> tuple[int, int]:

@@ -17,6 +17,7 @@ class HydraLoRA(SharedDownProjection):
     """HydraLoRA: shared A, E B heads, dense token router."""
 
     name = "hydralora"
+    top_k_of = "num_experts"
 
     @classmethod
     def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from loramix.config import ConfigError, MixtureConfig
+from loramix.config import MixtureConfig, check_option, is_count, is_number
 from loramix.context import RoutingContext
 from loramix.methods.base import Method, register_method
 from loramix.routers import Router, TokenSoftmaxRouter
@@ -60,7 +60,7 @@ class SubspaceRouter(TokenSoftmaxRouter):
 def _sizes(config: MixtureConfig) -> tuple[int, int]:
     """(d, r̄): the shared subspace's rank and each expert's widened rank."""
     total = config.r * config.num_experts
-    subspace = int(config.method_options.get("subspace_rank", total // 2))
+    subspace = int(config.method_options.get("subspace_rank", max(1, total // 2)))
     return subspace, config.r + (total - subspace) // config.num_experts
 
 
@@ -69,21 +69,24 @@ class MALoRA(Method):
     """MALoRA: shared down-projection subspace, per-expert projections, widened up-projections, top-k tokens."""
 
     name = "malora"
+    top_k_of = "num_experts"
     options = OPTIONS
     default_aux_loss_weight = 0.001
 
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
         super().validate(config)
-        subspace = config.method_options.get("subspace_rank", config.r * config.num_experts // 2)
-        if not isinstance(subspace, int) or not 1 <= subspace <= config.r * config.num_experts:
-            raise ConfigError(
-                f"MixtureConfig.method_options['subspace_rank']={subspace!r}: expected an integer in "
-                f"[1, r * num_experts = {config.r * config.num_experts}]"
-            )
+        total = config.r * config.num_experts
+        subspace = config.method_options.get("subspace_rank", max(1, total // 2))
+        check_option(
+            cls.name,
+            "subspace_rank",
+            subspace,
+            is_count(subspace, 1, total),
+            f"an integer in [1, r * num_experts = {total}]",
+        )
         beta = config.method_options.get("balance_factor", 1.0)
-        if not isinstance(beta, (int, float)) or beta <= 0:
-            raise ConfigError(f"MixtureConfig.method_options['balance_factor']={beta!r}: expected a number > 0")
+        check_option(cls.name, "balance_factor", beta, is_number(beta) and beta > 0, "a finite number > 0")
 
     @classmethod
     def bank_sizes(cls, config: MixtureConfig) -> tuple[int, int]:

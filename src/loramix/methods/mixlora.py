@@ -25,6 +25,7 @@ class MixLoRA(Method):
     """MixLoRA: top-k (default 2) token routing over E experts with a load-balancing loss."""
 
     name = "mixlora"
+    top_k_of = "num_experts"
     default_aux_loss_weight = 0.01
 
     @classmethod

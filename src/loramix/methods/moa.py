@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramix.config import ConfigError, MixtureConfig
+from loramix.config import MixtureConfig, check_option
 from loramix.context import RoutingContext
 from loramix.methods.base import Method, register_method, require_one_expert_per_task
 from loramix.routers import Router
@@ -165,16 +165,9 @@ class MoA(Method):
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
         super().validate(config)
-        if config.method_options.get("route_by", "router") not in ROUTE_BY:
-            raise ConfigError(
-                f"MixtureConfig.method_options['route_by']={config.method_options['route_by']!r} is invalid: "
-                f"expected one of {ROUTE_BY}"
-            )
-        if config.method_options.get("gate", "top1") not in GATES:
-            raise ConfigError(
-                f"MixtureConfig.method_options['gate']={config.method_options['gate']!r} is invalid: "
-                f"expected one of {GATES}"
-            )
+        for key, allowed in (("route_by", ROUTE_BY), ("gate", GATES)):
+            value = config.method_options.get(key, allowed[0])
+            check_option(cls.name, key, value, isinstance(value, str) and value in allowed, f"one of {allowed}")
         require_one_expert_per_task(config, cls.name, task_word="domain")
 
     @classmethod

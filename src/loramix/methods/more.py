@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramix.config import ConfigError, MixtureConfig
+from loramix.config import ConfigError, MixtureConfig, is_number
 from loramix.context import RoutingContext
 from loramix.methods.base import Method, register_method
 from loramix.routers import Router
@@ -106,10 +106,10 @@ class MoREOptions:
         if contrastive and not task_embedding:
             _fail("contrastive", contrastive, "false when task_embedding is false")
         temperature = options.get("temperature", 0.05)
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature <= 0:
-            _fail("temperature", temperature, "a positive number")
+        if not is_number(temperature) or temperature <= 0:
+            _fail("temperature", temperature, "a finite positive number")
         pooling = options.get("contrastive_pooling", "first")
-        if pooling not in POOLINGS:
+        if not isinstance(pooling, str) or pooling not in POOLINGS:
             _fail("contrastive_pooling", pooling, f"one of {list(POOLINGS)}")
         return cls(
             candidate_ranks=tuple(sorted(ranks)),
@@ -232,6 +232,11 @@ class MoRE(Method):
 
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
+        if config.top_k is not None:
+            raise ConfigError(
+                f"MixtureConfig.top_k={config.top_k!r} is invalid: 'more' has no top-k routing (it picks one "
+                "rank per task; leave top_k unset)"
+            )
         if config.num_experts != 1:
             raise ConfigError(
                 f"MixtureConfig.num_experts={config.num_experts} is invalid: 'more' has one LoRA of rank r "

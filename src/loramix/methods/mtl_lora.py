@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loramix.config import ConfigError, MixtureConfig
+from loramix.config import MixtureConfig, check_option, is_number
 from loramix.context import RoutingContext
 from loramix.methods.base import SharedDownProjection, register_method
 from loramix.routers import Router
@@ -76,8 +76,9 @@ class MTLLoRA(SharedDownProjection):
     def validate(cls, config: MixtureConfig) -> None:
         super().validate(config)
         temperature = config.method_options.get("temperature", 0.1)
-        if not isinstance(temperature, (int, float)) or temperature <= 0:
-            raise ConfigError(f"MixtureConfig.method_options['temperature']={temperature!r}: expected a number > 0")
+        check_option(cls.name, "temperature", temperature, is_number(temperature) and temperature > 0, "a number > 0")
+        diagonal = config.method_options.get("diagonal", False)
+        check_option(cls.name, "diagonal", diagonal, isinstance(diagonal, bool), "true or false (a boolean)")
 
     @classmethod
     def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:

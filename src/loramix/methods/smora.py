@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loramix.config import ConfigError, MixtureConfig
+from loramix.config import ConfigError, MixtureConfig, check_option, is_number
 from loramix.context import RoutingContext
 from loramix.methods.base import Method, register_method
 from loramix.routers import Router, token_mask
@@ -69,6 +69,7 @@ class SMoRA(Method):
 
     name = "smora"
     options = ("bias_update_rate",)
+    top_k_of = "r"
 
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
@@ -78,8 +79,8 @@ class SMoRA(Method):
                 f"MixtureConfig.num_experts={config.num_experts} is invalid: 'smora' makes each of the r ranks an "
                 "expert; set r and leave num_experts at 1"
             )
-        if cls.top_k(config) > config.r:
-            raise ConfigError(f"MixtureConfig.top_k={config.top_k} is invalid: at most r={config.r} for 'smora'")
+        rate = config.method_options.get("bias_update_rate", 1e-5)
+        check_option(cls.name, "bias_update_rate", rate, is_number(rate) and rate >= 0, "a finite number >= 0")
 
     @classmethod
     def top_k(cls, config: MixtureConfig) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from loramix.config import MixtureConfig
+from loramix.config import CONFIG_NAME, MixtureConfig
 from loramix.data import (
     ClassificationTemplate,
     Example,
@@ -25,7 +25,7 @@ from loramix.data import (
     split_examples,
 )
 from loramix.heads import MultiTaskSequenceClassifier
-from loramix.model import MixtureModel, get_mixture_model
+from loramix.model import MixtureModel, get_mixture_model, is_mixture_directory
 from loramix.train.batches import SampledBatches
 from loramix.train.recipe import DataSpec, ModelSpec, Recipe, SourceSpec
 from loramix.train.settings import RecipeError, StageSettings
@@ -249,8 +249,8 @@ def load_run(adapter_dir: str | Path) -> Run:
         RecipeError: the directory holds no adapter or no recipe.
     """
     directory = Path(adapter_dir)
-    if not (directory / RECIPE_NAME).is_file() or not (directory / "adapter_config.json").is_file():
-        raise RecipeError(f"{directory} is not a loramix adapter directory (no {RECIPE_NAME} or adapter_config.json)")
+    if not (directory / RECIPE_NAME).is_file() or not is_mixture_directory(directory):
+        raise RecipeError(f"{directory} is not a loramix adapter directory (no {RECIPE_NAME} or {CONFIG_NAME})")
     recipe = Recipe.from_yaml(directory / RECIPE_NAME)
     tokenizer = load_tokenizer(recipe.model)
     task_set, splits = load_tasks(recipe.data)
