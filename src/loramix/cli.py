@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from loramix.config import ConfigError
 from loramix.data import DataError
 from loramix.train.settings import RecipeError
 
@@ -162,16 +164,78 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
     bench.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options, e.g. --quick")
     bench.set_defaults(handler=_bench)
+    return _add_debug_option(parser)
+
+
+DEBUG_ENV = "LORAMIX_DEBUG"
+"""Set it (to anything but ``0``) to see the traceback of an error, as ``--debug`` does."""
+# Errors of bad input: recipes, data, configs, files, options. Anything else is reported as unexpected.
+EXPECTED_ERRORS = (
+    RecipeError,
+    DataError,
+    ConfigError,
+    ValueError,
+    TypeError,
+    KeyError,
+    OSError,
+    ImportError,
+    RuntimeError,
+)
+# Optional dependencies and the extra that installs each.
+OPTIONAL_EXTRAS = {"matplotlib": "assets", "gguf": "assets", "datasets": "hf"}
+
+
+def _add_debug_option(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--debug`` on the command and on each subcommand (but ``bench``, whose options go to the script)."""
+    text = f"show the traceback of an error instead of one line (or set {DEBUG_ENV}=1)"
+    parser.add_argument("--debug", action="store_true", help=text)
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        for name, sub in getattr(action, "choices", {}).items():
+            if name != "bench":
+                sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=text)
     return parser
 
 
+def error_line(error: BaseException) -> str:
+    """One line describing ``error`` for the terminal (no traceback).
+
+    ``KeyError`` loses its quotes, a missing module names the package to install, and an error that is not
+    one of :data:`EXPECTED_ERRORS` says its type and how to see the traceback.
+    """
+    if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
+        text = error.args[0]
+    else:
+        text = str(error)
+    if isinstance(error, ImportError) and error.name:
+        root = error.name.split(".")[0]
+        extra = OPTIONAL_EXTRAS.get(root)
+        install = f"pip install 'loramix[{extra}]'" if extra else f"pip install {root}"
+        text = f"missing optional dependency {root!r} ({install}): {text}"
+    text = " ".join(text.split()) or type(error).__name__
+    if not isinstance(error, EXPECTED_ERRORS):
+        text = f"unexpected {type(error).__name__}: {text} (rerun with --debug or {DEBUG_ENV}=1 for the traceback)"
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``loramix`` command; errors in recipes and data print one line and exit with status 2."""
+    """Run the ``loramix`` command.
+
+    Every error prints one line, ``loramix <command>: error: ...``, on stderr and exits with status 2 (as
+    argparse does for bad options); ``--debug`` or ``LORAMIX_DEBUG=1`` shows the traceback instead.
+    """
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return args.handler(args)
-    except (RecipeError, DataError, FileNotFoundError) as error:
-        print(f"loramix {args.command}: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"loramix {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if debug:
+            raise
+        print(f"loramix {args.command}: error: {error_line(error)}", file=sys.stderr)
         return 2
 
 
