@@ -66,7 +66,6 @@ def evaluate_adapters(
         "plots": [paths]}``.
     """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Scores] = {}
     routing: dict[str, Any] = {}
     for directory in adapter_dirs:
@@ -77,6 +76,7 @@ def evaluate_adapters(
         examples = run.split(split or run.recipe.eval.split)
         results[label] = score_examples(run, run.model, examples)
         routing[label] = routing_summary(run.model, _routing_batches(run, examples))
+    output_dir.mkdir(parents=True, exist_ok=True)  # only once every adapter has loaded and scored
     drawn: list[str] = []
     if plots and matplotlib_available():
         drawn.append(plot_scores(results, output_dir / "scores.png").name)
