@@ -477,6 +477,19 @@ MODEL_CASES: dict[str, tuple[Callable[[World], None], type[Exception], str, str]
     "task_ids_matrix": (_forward(torch.zeros(3, 1, dtype=torch.long)), ValueError, "shape \\[batch\\]", "mixture"),
     "task_ids_dict": (_forward({"qa": 0}), ValueError, "got dict", "mixture"),
     "task_ids_missing": (_forward(None), ValueError, "routes by task", "mixture"),
+    "merge_float_task": (lambda world: world.mixture.merge(1.0), ValueError, r"task 1\.0 \(float\)", "mixture"),
+    "merge_and_unload_unknown_task": (
+        lambda world: world.mixture.merge_and_unload("nope"),
+        ValueError,
+        r"unknown task 'nope'; known tasks: \['qa', 'nli', 'sum'\]",
+        "mixture",
+    ),
+    "load_trainable_string": (
+        lambda world: MixtureModel.from_pretrained(world.base, world.saved, is_trainable="no"),
+        TypeError,
+        "is_trainable must be True or False",
+        "base",
+    ),
     "generate_task_ids_float": (_generate([0.5, 1.0, 2.0]), ValueError, r"task 0\.5 \(float\)", "mixture"),
 }
 

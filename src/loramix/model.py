@@ -603,10 +603,13 @@ class MixtureModel(nn.Module):
 
         Raises:
             FileNotFoundError: the directory, its config or its weights are missing.
+            TypeError: ``is_trainable`` is not a boolean.
             ConfigError: the saved config is invalid (naming the file and field) or does not fit the model.
             ValueError: the directory holds a PEFT adapter, or the saved weights do not fit the model (missing
                 or unexpected keys, other shapes or dtypes, NaN or infinite values).
         """
+        if not isinstance(is_trainable, bool):
+            raise TypeError(f"is_trainable must be True or False; got {is_trainable!r}")
         directory = Path(adapter_directory)
         config_path = mixture_config_file(directory)
         data = read_json_file(config_path)
