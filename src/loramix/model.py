@@ -388,7 +388,8 @@ class MixtureModel(nn.Module):
     """A transformers model whose target layers carry a mixture of low-rank experts.
 
     Build it with :func:`get_mixture_model`. Calls take ``task_ids`` (LongTensor[batch], a list of ids or
-    of task names); each row is routed by its own task. Attributes of the wrapped model (``config``,
+    of task names, or one id or name for the whole batch; see :func:`task_id_tensor`); each row is routed by
+    its own task. Attributes of the wrapped model (``config``,
     ``device``, ...) are reachable on this object.
 
     Everything is checked (and the new layers built) before the model is touched: when construction raises,
@@ -520,7 +521,7 @@ class MixtureModel(nn.Module):
         return self.method.aux_loss_weight(self.mixture_config) * sum(self.last_aux_losses.values())
 
     def forward(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
-        """Call the wrapped model with routing by ``task_ids`` (LongTensor[batch], or a list of ids/names).
+        """Call the wrapped model with routing by ``task_ids`` (LongTensor[batch], a list of ids/names, or one task).
 
         A wrapped model whose ``forward`` takes ``task_ids`` itself (e.g. per-task heads) receives them too.
 
