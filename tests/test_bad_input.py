@@ -729,6 +729,15 @@ CLI_CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
         lambda runs, tmp: ["eval", "--adapter", str(tmp / "nothing"), "--out", str(tmp / "report")],
         "nothing",
     ),
+    "usage_missing_argument": (lambda runs, tmp: ["train"], "required: recipe .*--help"),
+    "usage_bad_integer": (
+        lambda runs, tmp: ["train", str(tmp / "r.yaml"), "--max-steps", "many"],
+        "invalid int value: 'many'",
+    ),
+    "usage_unknown_option": (
+        lambda runs, tmp: ["export", "--adapter", "a", "--task", "x", "--out", "o", "--tsk", "x"],
+        "unrecognized arguments: --tsk x",
+    ),
     "main_maps_file_exists": (_raises(FileExistsError("run-x holds another run")), "run-x holds another run"),
     "main_maps_key_error": (_raises(KeyError("unknown method 'x'")), "^loramix merge: error: unknown method 'x'$"),
     "main_maps_runtime_error": (_raises(RuntimeError("resume mismatch:\nlora_alpha 16 -> 64")), "16 -> 64"),
@@ -773,7 +782,7 @@ def test_cli_error_is_one_line_with_status_2(case: str, runs: Path, tmp_path, ca
     lines = err.splitlines()
     assert status == 2, err
     assert len(lines) == 1, f"{case}: expected one line on stderr, got:\n{err}"
-    assert lines[0].startswith(f"loramix {argv[0]}: error: ") and "Traceback" not in err
+    assert lines[0].startswith((f"loramix {argv[0]}: error: ", "loramix: error: ")) and "Traceback" not in err
     assert __import__("re").search(pattern, lines[0]), lines[0]
     assert tree_fingerprint(tmp_path) == before, f"{case}: files changed"
     assert tree_fingerprint(runs) == before_runs

@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from loramix.config import ConfigError
 from loramix.data import DataError
@@ -105,9 +106,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr (exit status 2), like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``loramix`` command."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="loramix", description="Multi-task fine-tuning of transformers with mixtures of LoRA experts."
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -223,7 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     Every error prints one line, ``loramix <command>: error: ...``, on stderr and exits with status 2 (as
     argparse does for bad options); ``--debug`` or ``LORAMIX_DEBUG=1`` shows the traceback instead.
     """
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a usage error already printed on one line
+        return done.code if isinstance(done.code, int) else 2
     debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return args.handler(args)
