@@ -19,7 +19,7 @@ from typing import Any
 CONFIG_NAME = "loramix_config.json"
 """The file name of a saved mixture's config (its own name, so PEFT never mistakes it for a PEFT adapter)."""
 LEGACY_CONFIG_NAME = "adapter_config.json"
-"""The PEFT file name that mixtures saved before loramix 0.2 used (with ``peft_type: "LORAMIX"``); still read."""
+"""PEFT's file name, which earlier loramix saves used for the mixture (with ``peft_type: "LORAMIX"``); still read."""
 PEFT_TYPE = "LORAMIX"
 MAX_SIZE = 2**16
 """Upper bound of ``r``, ``num_experts``, ``num_tasks`` and ``task_embedding_dim`` (a guard against absurd sizes)."""
@@ -87,7 +87,9 @@ class MixtureConfig:
         num_tasks: number of tasks T that ``task_ids`` may name (``0 <= task_id < T``).
         task_names: optional names of the tasks, in id order.
         task_embedding_dim: width of the task embedding of task-routed methods (MOELoRA).
-        top_k: experts (or rank components) kept per token or sequence by top-k routers; ``None`` keeps all.
+        top_k: experts (or rank components) kept per token by top-k routers; ``None`` keeps the method's
+            default. Only methods with top-k routing take it (``mixlora``, ``hydralora``, ``malora``: at most
+            ``num_experts``; ``smora``: at most ``r``); the others refuse it.
         aux_loss_weight: weight of the method's auxiliary loss (MoRE's contrastive loss, MoA's router
             cross-entropy, a load-balancing loss); ``None`` uses the method's default.
         method_options: settings only one method reads (validated by that method), e.g. MoRE's
