@@ -40,6 +40,8 @@ from loramix.train.settings import RecipeError, StageSettings, TrainingSettings,
 TASK_TYPES = ("classification", "generation")
 SOURCE_KINDS = ("bigbench", "jsonl", "hf")
 SAMPLERS = ("proportional", "temperature", "uniform", "more")
+#: ``data:`` settings fixed for the whole run: the split is made once, before the first stage.
+SPLIT_KEYS = {"validation", "test", "split_seed", "max_train"}
 
 
 @dataclass
@@ -151,6 +153,11 @@ class DataSpec:
             raise RecipeError("data.tasks is empty: list at least one task source")
         if self.sampler not in SAMPLERS:
             raise RecipeError(f"data.sampler={self.sampler!r} is invalid: expected one of {SAMPLERS}")
+        if self.instructions is not None and (
+            not isinstance(self.instructions, dict)
+            or not all(isinstance(key, str) and isinstance(value, str) for key, value in self.instructions.items())
+        ):
+            raise RecipeError(f"data.instructions={self.instructions!r} is invalid: expected a mapping task -> text")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], section: str = "data") -> DataSpec:
@@ -176,6 +183,9 @@ class DataSpec:
         _check_keys(section, overrides, DataSpec)
         if "tasks" in overrides:
             raise RecipeError(f"{section}.tasks: a stage cannot change the tasks; use only_tasks")
+        fixed = sorted(SPLIT_KEYS & set(overrides))
+        if fixed:
+            raise RecipeError(f"{section}: a stage cannot change the split ({fixed}); set them in data:")
         return dataclasses.replace(self, **overrides)
 
 

@@ -131,6 +131,32 @@ class TrainingSettings:
         return cls(**data)
 
 
+def check_precision(settings: TrainingSettings) -> None:
+    """Check that ``training.mixed_precision`` can run where this run trains (before anything is written).
+
+    fp16 needs a CUDA GPU: on the CPU it would silently train in full precision. bf16 needs a GPU that
+    supports it when one is used (the CPU runs bf16 autocast).
+
+    Raises:
+        RecipeError: naming ``training.mixed_precision`` and the device.
+    """
+    import os
+
+    import torch
+
+    setting = settings.mixed_precision
+    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    on_cpu = settings.use_cpu or distributed_cpu or not torch.cuda.is_available()
+    if setting == "fp16" and on_cpu:
+        where = "training.use_cpu is true" if settings.use_cpu else "no CUDA GPU is available"
+        raise RecipeError(
+            f"training.mixed_precision='fp16' needs a CUDA GPU, but {where}: fp16 would silently train in fp32; "
+            "use 'bf16', 'no' or 'auto'"
+        )
+    if setting == "bf16" and not on_cpu and not torch.cuda.is_bf16_supported():
+        raise RecipeError("training.mixed_precision='bf16' is not supported by this GPU: use 'fp16', 'no' or 'auto'")
+
+
 @dataclass
 class StageSettings:
     """One stage of training: its length, optimisation and which parameters train.
