@@ -116,7 +116,16 @@ def _differences(old: Any, new: Any, path: str) -> list[str]:
             else:
                 found.extend(_differences(old[key], new[key], where))
         return found
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and path != "tasks":
+    if path == "tasks" and old != new:
+        names = [[task.get("name") for task in tasks] for tasks in (old, new)]
+        if names[0] != names[1]:
+            return [f"tasks: {names[0]} -> {names[1]}"]
+        return [
+            f"task {before['name']!r} labels: {_short(before.get('labels'))} -> {_short(after.get('labels'))}"
+            for before, after in zip(old, new, strict=True)
+            if before != after
+        ]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         found = []
         for index, (before, after) in enumerate(zip(old, new, strict=True)):
             found.extend(_differences(before, after, f"{path}[{index}]"))
