@@ -337,6 +337,10 @@ def test_an_adapter_without_its_split_checks_the_data_hashes(trained, tmp_path):
 
 
 def test_changes_are_named_field_by_field():
-    old = {"mixture": {"lora_alpha": 16, "r": 2}, "data": {"tasks": [{"file": "/a", "sha256": "1" * 64}]}}
-    new = {"mixture": {"lora_alpha": 64, "r": 2}, "data": {"tasks": [{"file": "/b", "sha256": "1" * 64}]}}
-    assert describe_changes(old, new) == ["mixture.lora_alpha: 16 -> 64"]
+    old = {"mixture": {"lora_alpha": 16, "r": 2}, "data": {"tasks": [{"kind": "jsonl", "sha256": "1" * 64}]}}
+    new = {"mixture": {"lora_alpha": 64, "r": 2}, "data": {"tasks": [{"kind": "jsonl", "sha256": "2" * 64}]}}
+    assert describe_changes(old, new, ["/d/x.jsonl"]) == [
+        "data file /d/x.jsonl changed (data.tasks[0] sha256 111111111111 -> 222222222222)",
+        "mixture.lora_alpha: 16 -> 64",
+    ]
+    assert describe_changes(old, old) == []

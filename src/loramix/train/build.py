@@ -36,6 +36,7 @@ from loramix.train.recipe import DataSpec, ModelSpec, Recipe, SourceSpec
 from loramix.train.runinfo import (
     RUN_FILE,
     SPLIT_FILE,
+    data_files,
     describe_changes,
     examples_sha256,
     file_sha256,
@@ -377,7 +378,7 @@ def save_run_recipe(recipe: Recipe, adapter_dir: str | Path, run: Run | None = N
     if run is None:
         remove_split(adapter_dir)
     else:
-        write_split(adapter_dir, run.fingerprint, run.splits)
+        write_split(adapter_dir, run.fingerprint, run.splits, data_files(run.sources))
 
 
 def _reread_data(directory: Path, recipe: Recipe) -> tuple[TaskSet, Splits, list[dict[str, Any]]]:
@@ -392,7 +393,8 @@ def _reread_data(directory: Path, recipe: Recipe) -> tuple[TaskSet, Splits, list
         return read_data(recipe.data)
     saved = read_run_file(run_path)["fingerprint"]
     task_set, splits, sources = read_data(recipe.data)
-    changes = describe_changes({"data": saved["data"]}, {"data": {**saved["data"], "tasks": sources}})
+    current = run_fingerprint(recipe, saved["mixture"], task_set, sources)
+    changes = describe_changes({"data": saved["data"]}, {"data": current["data"]}, data_files(sources))
     if changes:
         raise DataError(f"{directory}: its {SPLIT_FILE} is missing and its data changed since training: {changes[0]}")
     return task_set, splits, sources

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from loramix.train.build import Run, build_run, save_run_recipe
 from loramix.train.recipe import Recipe
-from loramix.train.runinfo import RUN_FILE, check_output_dir, check_resume, clear_run, write_run_file
+from loramix.train.runinfo import RUN_FILE, check_output_dir, check_resume, clear_run, data_files, write_run_file
 from loramix.train.settings import check_precision
 from loramix.train.trainer import ADAPTER_DIR, Trainer, TrainerState
 
@@ -57,16 +57,16 @@ def train_recipe(
     # Only rank 0 guards the directory: the others would see the run file rank 0 writes.
     checkpoint = check_output_dir(output_dir, resume, overwrite) if main else None
     run = build_run(recipe)
-    fingerprint = run.fingerprint
+    fingerprint, files = run.fingerprint, data_files(run.sources)
     if main:
         if checkpoint is not None:
-            check_resume(output_dir, checkpoint, fingerprint)
+            check_resume(output_dir, checkpoint, fingerprint, files)
             if not (output_dir / RUN_FILE).is_file():
-                write_run_file(output_dir / RUN_FILE, fingerprint)
+                write_run_file(output_dir / RUN_FILE, fingerprint, files)
         else:
             if overwrite:
                 clear_run(output_dir)
-            write_run_file(output_dir / RUN_FILE, fingerprint)
+            write_run_file(output_dir / RUN_FILE, fingerprint, files)
     options = {}
     if "fingerprint" in inspect.signature(Trainer).parameters:
         options["fingerprint"] = fingerprint

@@ -74,14 +74,16 @@ def run_fingerprint(
         recipe: the :class:`~loramix.train.recipe.Recipe`.
         mixture: the completed mixture config (``MixtureConfig.to_dict()``).
         task_set: the tasks, in id order, with their labels.
-        sources: one record per data source (its kind, settings and content hash).
+        sources: one record per data source (its kind, settings and content hash; a ``file`` key, the
+            data file's path, is left out).
 
     Returns:
         ``{"model", "mixture", "tasks", "data", "training", "stages"}``; logging, checkpointing and
         device settings are left out (they may change on ``--resume``).
     """
     data = dataclasses.asdict(recipe.data)
-    data["tasks"] = list(sources)
+    # where a file lies is not part of what is trained, only its content (its sha256)
+    data["tasks"] = [{key: value for key, value in source.items() if key != "file"} for source in sources]
     training = {
         key: value for key, value in dataclasses.asdict(recipe.training).items() if key not in UNTRACKED_TRAINING
     }
@@ -106,8 +108,6 @@ def _differences(old: Any, new: Any, path: str) -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         found = []
         for key in sorted(set(old) | set(new), key=str):
-            if key == "file":  # where a file is does not matter, only its content (its sha256)
-                continue
             where = f"{path}.{key}" if path else str(key)
             if key not in old:
                 found.append(f"{where}: (none) -> {_short(new[key])}")
@@ -135,10 +135,16 @@ def _differences(old: Any, new: Any, path: str) -> list[str]:
     return [f"{path}: {_short(old)} -> {_short(new)}"]
 
 
-def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def data_files(sources: Sequence[dict[str, Any]]) -> list[str | None]:
+    """The data file of each source record (``None`` for sources that are not one file)."""
+    return [source.get("file") for source in sources]
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any], files: Sequence[str | None] = ()) -> list[str]:
     """The differences between two fingerprints, one ``field: old -> new`` line each.
 
-    Tasks are compared as a whole (``tasks: [...] -> [...]``); a data file's change names the file.
+    Tasks are compared by name (``tasks: [...] -> [...]``); a data file's change names the file (from
+    ``files``, one per source of ``new``, as :func:`data_files` gives them).
     """
     changes = []
     old_sources = old.get("data", {}).get("tasks", [])
@@ -146,7 +152,8 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     if len(old_sources) == len(new_sources):
         for index, (before, after) in enumerate(zip(old_sources, new_sources, strict=True)):
             if before.get("sha256") != after.get("sha256"):
-                what = f"data file {after['file']}" if after.get("file") else f"the data of data.tasks[{index}]"
+                file = files[index] if index < len(files) else None
+                what = f"data file {file}" if file else f"the data of data.tasks[{index}]"
                 changes.append(
                     f"{what} changed (data.tasks[{index}] sha256 {str(before.get('sha256'))[:12]} -> "
                     f"{str(after.get('sha256'))[:12]})"
@@ -193,12 +200,14 @@ def read_run_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def write_run_file(path: str | Path, fingerprint: dict[str, Any]) -> None:
-    """Write ``run.json`` (atomically: a temporary file renamed into place)."""
+def write_run_file(path: str | Path, fingerprint: dict[str, Any], files: Sequence[str | None] = ()) -> None:
+    """Write ``run.json``: the fingerprint and the data files it was taken from (atomically: a temporary
+    file renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps({"format": FORMAT, "fingerprint": fingerprint}, indent=1, sort_keys=True) + "\n")
+    content = {"format": FORMAT, "fingerprint": fingerprint, "files": list(files)}
+    staging.write_text(json.dumps(content, indent=1, sort_keys=True) + "\n")
     os.replace(staging, path)
 
 
@@ -248,7 +257,9 @@ def check_output_dir(directory: str | Path, resume: bool | str | Path, overwrite
     return checkpoint
 
 
-def check_resume(directory: str | Path, checkpoint: Path, fingerprint: dict[str, Any]) -> None:
+def check_resume(
+    directory: str | Path, checkpoint: Path, fingerprint: dict[str, Any], files: Sequence[str | None] = ()
+) -> None:
     """Refuse to resume ``checkpoint`` under a recipe that trains something else.
 
     The run file is that of the checkpoint's run (``run.json`` beside it, else in ``directory``). A run
@@ -256,13 +267,13 @@ def check_resume(directory: str | Path, checkpoint: Path, fingerprint: dict[str,
 
     Raises:
         RecipeError: naming every difference (``mixture.lora_alpha: 16 -> 64``, a task renamed, a data
-            file changed).
+            file changed, named from ``files``).
     """
     candidates = [checkpoint.parent / RUN_FILE, Path(directory) / RUN_FILE]
     run_file = next((path for path in candidates if path.is_file()), None)
     if run_file is not None:
         saved = read_run_file(run_file)["fingerprint"]
-        changes = describe_changes(saved, fingerprint)
+        changes = describe_changes(saved, fingerprint, files)
         source = run_file
     else:
         config_path = checkpoint / "adapter_config.json"
@@ -329,7 +340,9 @@ def _example_record(split: str, example: Example) -> dict[str, Any]:
     return record
 
 
-def write_split(directory: str | Path, fingerprint: dict[str, Any], splits: Splits) -> None:
+def write_split(
+    directory: str | Path, fingerprint: dict[str, Any], splits: Splits, files: Sequence[str | None] = ()
+) -> None:
     """Write ``run.json`` and ``split.jsonl`` (every example, with its split) into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -339,7 +352,7 @@ def write_split(directory: str | Path, fingerprint: dict[str, Any], splits: Spli
             for example in getattr(splits, name):
                 handle.write(json.dumps(_example_record(name, example), ensure_ascii=False) + "\n")
     os.replace(staging, directory / SPLIT_FILE)
-    write_run_file(directory / RUN_FILE, fingerprint)
+    write_run_file(directory / RUN_FILE, fingerprint, files)
 
 
 def remove_split(directory: str | Path) -> None:
