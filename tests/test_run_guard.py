@@ -221,6 +221,32 @@ def _fp16_on_cpu(root):
     return ["train", _write_recipe(root, **{"training.mixed_precision": "fp16"}), "--overwrite"]
 
 
+def _output_dir_is_a_file(root):
+    (root / "taken").write_text("not a directory")
+    return ["train", _write_recipe(root, **{"output_dir": str(root / "taken")})]
+
+
+def _output_dir_is_an_adapter(root):
+    return ["train", _write_recipe(root, **{"output_dir": str(root / "run" / "adapter")}), "--overwrite"]
+
+
+def _resume_incomplete_checkpoint(root):
+    (root / "run" / "checkpoint-00000002" / "trainer_state.json").unlink()
+    return ["train", _write_recipe(root), "--resume", str(root / "run" / "checkpoint-00000002")]
+
+
+def _temperature_zero(root):
+    return ["train", _write_recipe(root, **{"data.sampler": "temperature", "data.temperature": 0}), "--overwrite"]
+
+
+def _negative_validation(root):
+    return ["train", _write_recipe(root, **{"data.validation": -1}), "--overwrite"]
+
+
+def _mixed_as_string(root):
+    return ["train", _write_recipe(root, **{"data.mixed": "yes"}), "--overwrite"]
+
+
 REFUSED = {
     "fresh run, other recipe": (_fresh_other_recipe, r"holds another run \(adapter/, checkpoint-00000001/"),
     "fresh run, same recipe": (_fresh_same_recipe, "pass --resume to continue it, --overwrite to replace it"),
@@ -250,6 +276,12 @@ REFUSED = {
     "stage instructions unknown": (_stage_unknown_instructions, r"stages\[a\].data.instructions: unknown tasks"),
     "max_length beyond positions": (_max_length_beyond_positions, "model.max_length=1000 is beyond the 512 positions"),
     "fp16 on the CPU": (_fp16_on_cpu, "mixed_precision='fp16' needs a CUDA GPU"),
+    "output_dir is a file": (_output_dir_is_a_file, r"output directory \S+taken is a file"),
+    "output_dir is an adapter": (_output_dir_is_an_adapter, r"adapter is an adapter directory"),
+    "resume, incomplete checkpoint": (_resume_incomplete_checkpoint, "is not a complete checkpoint"),
+    "temperature 0": (_temperature_zero, "data.temperature=0 is invalid"),
+    "validation -1": (_negative_validation, "data.validation=-1 is invalid"),
+    "mixed 'yes'": (_mixed_as_string, "data.mixed='yes' is invalid"),
 }
 
 
@@ -334,6 +366,24 @@ def test_an_adapter_without_its_split_checks_the_data_hashes(trained, tmp_path):
     (adapter / RUN_FILE).unlink()
     with pytest.warns(UserWarning, match="no saved split"):
         load_run(adapter)
+
+
+def test_the_trainer_receives_the_fingerprint_when_it_takes_one(trained, tmp_path, monkeypatch):
+    import loramix.train.pipeline as pipeline
+
+    seen = []
+
+    class Recording(pipeline.Trainer):
+        def __init__(self, *args, fingerprint=None, **kwargs):
+            seen.append(fingerprint)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "Trainer", Recording)
+    recipe = _write_recipe(tmp_path, **{"training.max_steps": 1})
+    (tmp_path / "data.jsonl").write_text("".join(_lines(48)))
+    assert main(["train", recipe]) == 0
+    assert seen == [json.loads((tmp_path / "run" / RUN_FILE).read_text())["fingerprint"]]
+    assert seen[0]["mixture"]["task_names"] == ["animal", "colour"] and seen[0]["data"]["tasks"][0]["sha256"]
 
 
 def test_changes_are_named_field_by_field():

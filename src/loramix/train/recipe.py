@@ -120,6 +120,17 @@ class SourceSpec:
         return next(kind for kind in SOURCE_KINDS if getattr(self, kind) is not None)
 
 
+def _split_size(name: str, value: Any, counts_only: bool = False) -> None:
+    """Check a split setting: a count, a fraction in [0, 1) (unless ``counts_only``), or a mapping task -> one."""
+    values = value.values() if isinstance(value, dict) else [value]
+    for item in values:
+        count = isinstance(item, int) and not isinstance(item, bool) and item >= 0
+        fraction = not counts_only and isinstance(item, float) and 0 <= item < 1
+        if not (count or fraction):
+            expected = "a count >= 0" if counts_only else "a count >= 0 or a fraction in [0, 1)"
+            raise RecipeError(f"data.{name}={value!r} is invalid: expected {expected}, or a mapping task -> one")
+
+
 @dataclass
 class DataSpec:
     """The tasks, their splits and the sampler (the ``data:`` section; stages may override it).
@@ -153,6 +164,21 @@ class DataSpec:
             raise RecipeError("data.tasks is empty: list at least one task source")
         if self.sampler not in SAMPLERS:
             raise RecipeError(f"data.sampler={self.sampler!r} is invalid: expected one of {SAMPLERS}")
+        for name in ("validation", "test"):
+            _split_size(name, getattr(self, name))
+        if self.max_train is not None:
+            _split_size("max_train", self.max_train, counts_only=True)
+        if not isinstance(self.split_seed, int) or isinstance(self.split_seed, bool):
+            raise RecipeError(f"data.split_seed={self.split_seed!r} is invalid: expected an integer")
+        temperature = self.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise RecipeError(f"data.temperature={self.temperature!r} is invalid: expected a number > 0")
+        if self.mixed is not None and not isinstance(self.mixed, bool):
+            raise RecipeError(f"data.mixed={self.mixed!r} is invalid: expected true, false or null")
+        if self.only_tasks is not None and (
+            not isinstance(self.only_tasks, list) or not all(isinstance(task, str) for task in self.only_tasks)
+        ):
+            raise RecipeError(f"data.only_tasks={self.only_tasks!r} is invalid: expected a list of task names")
         if self.instructions is not None and (
             not isinstance(self.instructions, dict)
             or not all(isinstance(key, str) and isinstance(value, str) for key, value in self.instructions.items())

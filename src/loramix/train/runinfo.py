@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from loramix.data import DataError, Example, Splits, TaskData, TaskSet
-from loramix.train.checkpoint import PREFIX, list_checkpoints
+from loramix.train.checkpoint import PREFIX, STATE_NAME, list_checkpoints
 from loramix.train.settings import RecipeError
 
 RUN_FILE = "run.json"
@@ -229,6 +229,13 @@ def check_output_dir(directory: str | Path, resume: bool | str | Path, overwrite
     directory = Path(directory)
     if resume not in (None, False) and overwrite:
         raise RecipeError("--resume and --overwrite exclude each other: resume a run or replace it")
+    if directory.exists() and not directory.is_dir():
+        raise RecipeError(f"output directory {directory} is a file: choose a directory for output_dir")
+    if (directory / "adapter_config.json").is_file():
+        raise RecipeError(
+            f"output directory {directory} is an adapter directory (it holds adapter_config.json): "
+            "choose another output_dir (the run writes its adapter to <output_dir>/adapter)"
+        )
     entries = run_entries(directory)
     if resume in (None, False):
         if entries and not overwrite:
@@ -249,6 +256,8 @@ def check_output_dir(directory: str | Path, resume: bool | str | Path, overwrite
     checkpoint = Path(resume)
     if not checkpoint.is_dir():
         raise RecipeError(f"cannot resume: checkpoint {checkpoint} does not exist")
+    if not (checkpoint / STATE_NAME).is_file():
+        raise RecipeError(f"cannot resume: {checkpoint} is not a complete checkpoint (no {STATE_NAME})")
     if checkpoint.resolve().parent != directory.resolve() and entries:
         raise RecipeError(
             f"cannot resume from {checkpoint} into output directory {directory}: it holds another run "
