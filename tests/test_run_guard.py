@@ -394,3 +394,33 @@ def test_changes_are_named_field_by_field():
         "mixture.lora_alpha: 16 -> 64",
     ]
     assert describe_changes(old, old) == []
+
+
+def test_add_domain_keeps_the_saved_split_and_needs_no_old_data(tmp_path):
+    from loramix.train.build import read_data
+
+    rng = random.Random(0)
+    lines = []
+    for index in range(32):
+        words = rng.sample(WORDS, 3)
+        task = "copy" if index % 2 else "first"
+        lines.append({"task": task, "text": " ".join(words), "target": " ".join(words) if task == "copy" else words[0]})
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (tmp_path / "new.jsonl").write_text(
+        "".join(json.dumps({"text": w, "target": w[::-1]}) + "\n" for w in [*WORDS, *[w + "s" for w in WORDS]])
+    )
+    moa = {"method": "moa", "r": 2, "num_experts": "tasks", "target_modules": ["q_proj"]}
+    tasks = [{"jsonl": str(tmp_path / "data.jsonl")}]
+    changes = {"model.name": "tiny-llama", "model.task_type": "generation", "data.tasks": tasks, "mixture": moa}
+    assert main(["train", _write_recipe(tmp_path, **changes), "--max-steps", "1"]) == 0
+    (tmp_path / "data.jsonl").rename(tmp_path / "away.jsonl")  # the earlier domains' data is gone
+    grow = ["add-domain", "--adapter", str(tmp_path / "run" / "adapter"), "--data", str(tmp_path / "new.jsonl")]
+    grow += ["--name", "reverse", "--out", str(tmp_path / "grown"), "--expert-steps", "1", "--router-steps", "1"]
+    assert main([*grow, "--max-length", "24"]) == 0
+    old = (tmp_path / "run" / "adapter" / SPLIT_FILE).read_text().splitlines()
+    grown = (tmp_path / "grown" / SPLIT_FILE).read_text().splitlines()
+    assert [line for line in grown if json.loads(line)["task"] != "reverse"] == old
+    (tmp_path / "away.jsonl").rename(tmp_path / "data.jsonl")
+    task_set, splits, _ = read_data(load_run(tmp_path / "grown").recipe.data)  # what the grown recipe would split
+    run = load_run(tmp_path / "grown")
+    assert run.task_set == task_set and run.splits == splits

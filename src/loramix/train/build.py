@@ -190,6 +190,12 @@ def read_data(spec: DataSpec) -> tuple[TaskSet, Splits, list[dict[str, Any]]]:
     splits = split_examples(
         examples, validation=spec.validation, test=spec.test, seed=spec.split_seed, max_train=spec.max_train
     )
+    _check_trained(spec, tasks, splits)
+    return task_set, splits, sources
+
+
+def _check_trained(spec: DataSpec, tasks: list[TaskData], splits: Splits) -> None:
+    """Raise a DataError naming the first task the split leaves without a training example."""
     trained = {example.task for example in splits.train}
     for task in tasks:
         if task.name not in trained:
@@ -199,7 +205,32 @@ def read_data(spec: DataSpec) -> tuple[TaskSet, Splits, list[dict[str, Any]]]:
                 f"{held} held out for validation and test (data.validation={spec.validation!r}, "
                 f"data.test={spec.test!r}, data.max_train={spec.max_train!r})"
             )
-    return task_set, splits, sources
+
+
+def extend_data(run: Run, source: SourceSpec) -> tuple[TaskSet, Splits, list[dict[str, Any]]]:
+    """A trained run's tasks and split (as saved with it) plus those of one more source.
+
+    The new tasks are split with the run's split settings; the split is seeded per task, so this is the
+    split a recipe listing every source would give, while the earlier tasks' data files are not read.
+
+    Returns:
+        The grown task set, split and source records.
+
+    Raises:
+        loramix.data.DataError: a new task's name is taken, its data is bad, or it has no training example.
+    """
+    spec = run.recipe.data
+    loaded = _load_source(source, len(spec.tasks))
+    task_set = TaskSet.from_dict(run.task_set.to_dict())
+    for task in loaded:
+        task_set.add(task.name, task.labels)
+    examples = task_set.assign([example for task in loaded for example in task.examples], require_all=False)
+    new = split_examples(
+        examples, validation=spec.validation, test=spec.test, seed=spec.split_seed, max_train=spec.max_train
+    )
+    _check_trained(spec, loaded, new)
+    splits = Splits(*(list(old) + list(added) for old, added in zip(run.splits, new, strict=True)))
+    return task_set, splits, [*run.sources, _source_record(source, loaded)]
 
 
 def load_tasks(spec: DataSpec) -> tuple[TaskSet, Splits]:
