@@ -247,6 +247,25 @@ def _mixed_as_string(root):
     return ["train", _write_recipe(root, **{"data.mixed": "yes"}), "--overwrite"]
 
 
+def _resume_foreign_checkpoint(root):
+    config = root / "run" / "checkpoint-00000002" / "adapter_config.json"
+    config.write_text(config.read_text().replace('"lora_alpha": 16', '"lora_alpha": 64'))
+    return ["train", _write_recipe(root), "--resume"]
+
+
+def _stage_trains_nothing(root):
+    stages = [{"name": "a"}, {"name": "b", "trainable": ["nothing"]}]
+    return ["train", _write_recipe(root, stages=stages), "--overwrite"]
+
+
+def _stage_options_unknown(root):
+    return ["train", _write_recipe(root, stages=[{"name": "a", "options": {"hard": True}}]), "--overwrite"]
+
+
+def _stage_names_repeat(root):
+    return ["train", _write_recipe(root, stages=[{"name": "a"}, {"name": "a"}]), "--overwrite"]
+
+
 REFUSED = {
     "fresh run, other recipe": (_fresh_other_recipe, r"holds another run \(adapter/, checkpoint-00000001/"),
     "fresh run, same recipe": (_fresh_same_recipe, "pass --resume to continue it, --overwrite to replace it"),
@@ -276,6 +295,10 @@ REFUSED = {
     "stage instructions unknown": (_stage_unknown_instructions, r"stages\[a\].data.instructions: unknown tasks"),
     "max_length beyond positions": (_max_length_beyond_positions, "model.max_length=1000 is beyond the 512 positions"),
     "fp16 on the CPU": (_fp16_on_cpu, "mixed_precision='fp16' needs a CUDA GPU"),
+    "resume, foreign checkpoint": (_resume_foreign_checkpoint, r"mixture.lora_alpha: 64 -> 16"),
+    "stage trains nothing": (_stage_trains_nothing, r"stages\[b\]: trainable=\['nothing'\] .* leave no parameter"),
+    "stage options unknown": (_stage_options_unknown, r"stages\[a\].options=.* takes no stage options"),
+    "stage names repeat": (_stage_names_repeat, r"stages: names must be distinct"),
     "output_dir is a file": (_output_dir_is_a_file, r"output directory \S+taken is a file"),
     "output_dir is an adapter": (_output_dir_is_an_adapter, r"adapter is an adapter directory"),
     "resume, incomplete checkpoint": (_resume_incomplete_checkpoint, "is not a complete checkpoint"),
@@ -327,6 +350,14 @@ def test_resume_of_the_same_run_continues_it(trained, tmp_path):
     assert main(["train", recipe, "--resume"]) == 0
     assert [path.name for path in list_checkpoints(root / "run")] == ["checkpoint-00000002"]
     assert (root / "run" / RUN_FILE).read_bytes() == run_file
+
+
+def test_resume_of_a_run_without_run_file_checks_its_checkpoint(trained, tmp_path):
+    root = _copy(trained, tmp_path)
+    (root / "run" / RUN_FILE).unlink()
+    with pytest.warns(UserWarning, match="only its mixture config was checked"):
+        assert main(["train", _write_recipe(root), "--resume"]) == 0
+    assert json.loads((root / "run" / RUN_FILE).read_text())["fingerprint"]["mixture"]["lora_alpha"] == 16
 
 
 def test_eval_merge_export_use_the_saved_split(trained, tmp_path):

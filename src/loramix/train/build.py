@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -267,6 +268,34 @@ def check_recipe_tasks(recipe: Recipe, task_set: TaskSet) -> None:
                 raise RecipeError(f"{section}.only_tasks: unknown tasks {unknown}; the data's tasks are {names}")
 
 
+def check_stages(recipe: Recipe, model: MixtureModel) -> None:
+    """Check every stage against the built model before training starts (not when the stage is reached).
+
+    Raises:
+        RecipeError: a stage's ``trainable``/``frozen`` patterns leave no parameter to train, or it has
+            ``options`` the method takes none of.
+    """
+    candidates = [name for name, param in model.named_parameters() if param.requires_grad]
+    takes_options = getattr(model.method, "start_stage", None) is not None
+    for stage in recipe.stages:
+        chosen = [
+            name
+            for name in candidates
+            if (stage.trainable is None or any(re.search(pattern, name) for pattern in stage.trainable))
+            and not any(re.search(pattern, name) for pattern in stage.frozen)
+        ]
+        if not chosen:
+            raise RecipeError(
+                f"stages[{stage.name}]: trainable={stage.trainable} frozen={stage.frozen} leave no parameter to "
+                f"train; candidate names look like: {', '.join(candidates[:4])}"
+            )
+        if stage.options and not takes_options:
+            raise RecipeError(
+                f"stages[{stage.name}].options={stage.options!r}: method {model.mixture_config.method!r} "
+                "takes no stage options (it has no start_stage)"
+            )
+
+
 POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length")
 
 
@@ -392,6 +421,7 @@ def build_run(recipe: Recipe) -> Run:
     base = load_base_model(recipe.model, tokenizer, labels)
     torch.manual_seed(recipe.model.init_seed)
     model = get_mixture_model(base, config)
+    check_stages(recipe, model)
     return Run(recipe, tokenizer, task_set, splits, model, sources)
 
 

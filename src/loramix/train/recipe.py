@@ -269,6 +269,12 @@ class Recipe:
         stages = data.get("stages") or []
         if not isinstance(stages, list):
             raise RecipeError("stages must be a list of stage mappings")
+        names = [
+            stage.get("name", f"stage{index + 1}") if isinstance(stage, dict) else None
+            for index, stage in enumerate(stages)
+        ]
+        if len(set(names)) != len(names):
+            raise RecipeError(f"stages: names must be distinct, got {names}")
         eval_section = data.get("eval") or {}
         _check_keys("eval", eval_section, EvalSpec)
         return cls(

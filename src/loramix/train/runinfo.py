@@ -278,21 +278,24 @@ def check_resume(
         RecipeError: naming every difference (``mixture.lora_alpha: 16 -> 64``, a task renamed, a data
             file changed, named from ``files``).
     """
+    config_path = checkpoint / "adapter_config.json"
+    try:
+        saved_mixture = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise RecipeError(f"cannot resume: {config_path} is unreadable ({error})") from None
+    saved_mixture = {key: value for key, value in saved_mixture.items() if key not in SAVE_ONLY_KEYS}
+    # the checkpoint's own config, so that a checkpoint of another run placed here is never adopted
+    checkpoint_changes = [f"mixture.{line}" for line in _differences(saved_mixture, fingerprint["mixture"], "")]
     candidates = [checkpoint.parent / RUN_FILE, Path(directory) / RUN_FILE]
     run_file = next((path for path in candidates if path.is_file()), None)
     if run_file is not None:
-        saved = read_run_file(run_file)["fingerprint"]
-        changes = describe_changes(saved, fingerprint, files)
-        source = run_file
+        changes = describe_changes(read_run_file(run_file)["fingerprint"], fingerprint, files)
+        source = str(run_file)
+        if checkpoint_changes and checkpoint_changes != [line for line in changes if line.startswith("mixture.")]:
+            changes.extend(line for line in checkpoint_changes if line not in changes)
+            source += f" and {config_path}"
     else:
-        config_path = checkpoint / "adapter_config.json"
-        try:
-            saved_mixture = json.loads(config_path.read_text())
-        except (OSError, ValueError) as error:
-            raise RecipeError(f"cannot resume: {config_path} is unreadable ({error})") from None
-        saved_mixture = {key: value for key, value in saved_mixture.items() if key not in SAVE_ONLY_KEYS}
-        changes = [f"mixture.{line}" for line in _differences(saved_mixture, fingerprint["mixture"], "")]
-        source = config_path
+        changes, source = checkpoint_changes, str(config_path)
         if not changes:
             warnings.warn(
                 f"{checkpoint} has no {RUN_FILE} (written by an older loramix): only its mixture config was "
