@@ -68,10 +68,10 @@ def _write_recipe(root: Path, name: str = "recipe.yaml", **changes) -> str:
 
 
 def _hashes(root: Path) -> dict[str, str]:
+    """Every file's SHA-256 and every directory under ``root`` (so a new empty directory shows too)."""
     return {
-        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
         for path in sorted(root.rglob("*"))
-        if path.is_file()
     }
 
 
