@@ -248,24 +248,21 @@ def load_tasks(spec: DataSpec) -> tuple[TaskSet, Splits]:
 
 
 def check_recipe_tasks(recipe: Recipe, task_set: TaskSet) -> None:
-    """Check the recipe's per-task settings against the data's tasks (before anything is built or written).
+    """Check the stages' data overrides against the data's tasks (before anything is built or written).
 
     Raises:
-        RecipeError: naming the field: stage data overrides with unknown tasks in ``only_tasks``,
-            ``instructions`` or the split sizes.
+        RecipeError: naming the field: an override that is invalid or changes the split, unknown tasks in
+            a stage's ``only_tasks`` or ``instructions``.
     """
     names = task_set.names
-    _check_task_keys("data.instructions", recipe.data.instructions, names)
     for stage in recipe.stages:
         overrides = stage.data or {}
         section = f"stages[{stage.name}].data"
-        recipe.data.overridden(overrides, stage.name)
+        recipe.data.overridden(overrides, stage.name)  # validates the overridden section as a whole
         _check_task_keys(f"{section}.instructions", overrides.get("instructions"), names)
-        only = overrides.get("only_tasks")
-        if only is not None:
-            unknown = sorted(set(only) - set(names)) if isinstance(only, list) else only
-            if unknown:
-                raise RecipeError(f"{section}.only_tasks: unknown tasks {unknown}; the data's tasks are {names}")
+        unknown = sorted(set(overrides.get("only_tasks") or ()) - set(names))
+        if unknown:
+            raise RecipeError(f"{section}.only_tasks: unknown tasks {unknown}; the data's tasks are {names}")
 
 
 def check_stages(recipe: Recipe, model: MixtureModel) -> None:
@@ -457,7 +454,9 @@ def _reread_data(directory: Path, recipe: Recipe) -> tuple[TaskSet, Splits, list
     current = run_fingerprint(recipe, saved["mixture"], task_set, sources)
     changes = describe_changes({"data": saved["data"]}, {"data": current["data"]}, data_files(sources))
     if changes:
-        raise DataError(f"{directory}: its {SPLIT_FILE} is missing and its data changed since training: {changes[0]}")
+        raise DataError(
+            f"{directory}: its {SPLIT_FILE} is missing and its data changed since training: {'; '.join(changes)}"
+        )
     return task_set, splits, sources
 
 

@@ -140,13 +140,10 @@ def check_precision(settings: TrainingSettings) -> None:
     Raises:
         RecipeError: naming ``training.mixed_precision`` and the device.
     """
-    import os
-
     import torch
 
     setting = settings.mixed_precision
-    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    on_cpu = settings.use_cpu or distributed_cpu or not torch.cuda.is_available()
+    on_cpu = settings.use_cpu or not torch.cuda.is_available()
     if setting == "fp16" and on_cpu:
         where = "training.use_cpu is true" if settings.use_cpu else "no CUDA GPU is available"
         raise RecipeError(
