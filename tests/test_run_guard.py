@@ -266,6 +266,13 @@ def _stage_names_repeat(root):
     return ["train", _write_recipe(root, stages=[{"name": "a"}, {"name": "a"}]), "--overwrite"]
 
 
+def _bad_field(path, value):
+    def setup(root):
+        return ["train", _write_recipe(root, **{path: value}), "--overwrite"]
+
+    return setup
+
+
 REFUSED = {
     "fresh run, other recipe": (_fresh_other_recipe, r"holds another run \(adapter/, checkpoint-00000001/"),
     "fresh run, same recipe": (_fresh_same_recipe, "pass --resume to continue it, --overwrite to replace it"),
@@ -299,6 +306,12 @@ REFUSED = {
     "stage trains nothing": (_stage_trains_nothing, r"stages\[b\]: trainable=\['nothing'\] .* leave no parameter"),
     "stage options unknown": (_stage_options_unknown, r"stages\[a\].options=.* takes no stage options"),
     "stage names repeat": (_stage_names_repeat, r"stages: names must be distinct"),
+    "eval.batch_size 0": (_bad_field("eval.batch_size", 0), "eval.batch_size=0 is invalid"),
+    "learning_rate nan": (_bad_field("training.learning_rate", float("nan")), "training.learning_rate=nan is invalid"),
+    "classifier_dropout 1": (_bad_field("model.classifier_dropout", 1.0), "model.classifier_dropout=1.0 is invalid"),
+    "source mode": (_bad_field("data.tasks", [{"bigbench": "x", "mode": "cls"}]), r"mode='cls' is invalid"),
+    "source max_examples 0": (_bad_field("data.tasks", [{"bigbench": "x", "max_examples": 0}]), "max_examples=0"),
+    "output_dir empty": (_bad_field("output_dir", ""), "output_dir='' is invalid"),
     "output_dir is a file": (_output_dir_is_a_file, r"output directory \S+taken is a file"),
     "output_dir is an adapter": (_output_dir_is_an_adapter, r"adapter is an adapter directory"),
     "resume, incomplete checkpoint": (_resume_incomplete_checkpoint, "is not a complete checkpoint"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,8 +32,8 @@ def _positive_int(section: str, name: str, value: Any, minimum: int = 1) -> None
 
 
 def _number(section: str, name: str, value: Any, minimum: float = 0.0) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < minimum:
-        raise RecipeError(f"{section}.{name}={value!r} is invalid: expected a number >= {minimum}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not minimum <= value < math.inf:
+        raise RecipeError(f"{section}.{name}={value!r} is invalid: expected a finite number >= {minimum}")
 
 
 def _patterns(section: str, name: str, value: Any) -> None:
