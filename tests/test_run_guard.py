@@ -185,7 +185,8 @@ def _recipe_max_steps_zero(root):
 
 
 def _task_without_training(root):
-    return ["train", _write_recipe(root, **{"data.validation": 16, "data.test": 8}), "--overwrite"]
+    sizes = {"data.validation": {"animal": 16, "colour": 4}, "data.test": {"animal": 8, "colour": 4}}
+    return ["train", _write_recipe(root, **sizes), "--overwrite"]
 
 
 def _max_train_zero(root):
