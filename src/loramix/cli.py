@@ -20,10 +20,12 @@ def _train(args: argparse.Namespace) -> int:
     recipe = Recipe.from_yaml(args.recipe)
     if args.output_dir:
         recipe.output_dir = args.output_dir
-    if args.max_steps:
+    if args.max_steps is not None:
+        if args.max_steps < 1:
+            raise RecipeError(f"--max-steps {args.max_steps} is invalid: expected an integer >= 1")
         recipe.training.max_steps = args.max_steps
     resume = True if args.resume == "latest" else args.resume or False
-    _, state = train_recipe(recipe, resume=resume)
+    _, state = train_recipe(recipe, resume=resume, overwrite=args.overwrite)
     if state.metrics:
         from loramix.eval import markdown_table
 
@@ -129,7 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="latest",
         default=None,
-        help="continue from the latest checkpoint in the output directory, or from the one given",
+        help="continue the run in the output directory from its latest checkpoint (or from the one given); "
+        "refused when there is no checkpoint or the recipe trains something else than that run",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in the output directory (its adapter, checkpoints, log) with this one",
     )
     train.set_defaults(handler=_train)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from loramix.moa.grow import add_domain
 from loramix.moa.training import StageSettings
-from loramix.train.build import load_run, load_tasks, make_template, save_run_recipe
+from loramix.train.build import Run, extend_data, load_run, make_template, save_run_recipe
 from loramix.train.recipe import SourceSpec
 from loramix.train.settings import RecipeError
 
@@ -50,9 +50,10 @@ def add_domain_to_run(
     if name in run.task_set.names:
         raise RecipeError(f"domain {name!r} exists already: {run.task_set.names}")
     recipe = copy.deepcopy(run.recipe)
-    recipe.data.tasks.append(SourceSpec(jsonl=str(Path(jsonl).resolve()), task=name))
-    # the grown recipe's own splits, so the new domain's validation and test examples are never trained on
-    task_set, splits = load_tasks(recipe.data)
+    source = SourceSpec(jsonl=str(Path(jsonl).resolve()), task=name)
+    # the run's saved split plus the new domain's, so its validation and test examples are never trained on
+    task_set, splits, sources = extend_data(run, source)
+    recipe.data.tasks.append(source)
     domain_id = task_set.task_id(name)
     template = make_template(recipe, run.tokenizer)
     examples: list[dict] = []
@@ -69,5 +70,5 @@ def add_domain_to_run(
     domain = add_domain(run.model, examples, replay, expert, routers, name=name)
     out = Path(out_dir)
     run.model.save_pretrained(out)
-    save_run_recipe(recipe, out)
+    save_run_recipe(recipe, out, Run(recipe, run.tokenizer, task_set, splits, run.model, sources))
     return domain

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import json
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +16,7 @@ import torch
 from loramix.config import CONFIG_NAME, MixtureConfig
 from loramix.data import (
     ClassificationTemplate,
+    DataError,
     Example,
     GenerationTemplate,
     MultiTaskBatchSampler,
@@ -28,6 +34,19 @@ from loramix.heads import MultiTaskSequenceClassifier
 from loramix.model import MixtureModel, get_mixture_model, is_mixture_directory
 from loramix.train.batches import SampledBatches
 from loramix.train.recipe import DataSpec, ModelSpec, Recipe, SourceSpec
+from loramix.train.runinfo import (
+    RUN_FILE,
+    SPLIT_FILE,
+    data_files,
+    describe_changes,
+    examples_sha256,
+    file_sha256,
+    read_run_file,
+    read_split,
+    remove_split,
+    run_fingerprint,
+    write_split,
+)
 from loramix.train.settings import RecipeError, StageSettings
 
 TINY_MODELS = ("tiny-bert", "tiny-llama")
@@ -128,6 +147,93 @@ def _load_source(source: SourceSpec, index: int) -> list[TaskData]:
     return [load_hf_dataset(source.hf, task=source.task, split=source.split, config=source.config, **fields)]
 
 
+def _source_record(source: SourceSpec, tasks: list[TaskData]) -> dict[str, Any]:
+    """A source's settings and content hash for the run's fingerprint (a JSONL file by its bytes)."""
+    record = {"kind": source.kind, **dataclasses.asdict(source)}
+    if source.kind == "jsonl":
+        del record["jsonl"]
+        record["file"] = str(Path(source.jsonl).resolve())
+        record["sha256"] = file_sha256(source.jsonl)
+    else:
+        record["sha256"] = examples_sha256(tasks)
+    return record
+
+
+def _check_task_keys(where: str, value: Any, names: list[str]) -> None:
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(names), key=str)
+        if unknown:
+            raise RecipeError(f"{where}: unknown tasks {unknown}; the data's tasks are {names}")
+
+
+def read_data(spec: DataSpec) -> tuple[TaskSet, Splits, list[dict[str, Any]]]:
+    """Read every source, number the tasks in order, split each task's examples and hash the sources.
+
+    Returns:
+        The task set, the train/validation/test examples (with ``task_id`` set) and one record per
+        source (its settings and the SHA-256 of its file or content) for the run's fingerprint.
+
+    Raises:
+        RecipeError: a source is missing; a per-task setting (``validation``, ``test``, ``max_train``,
+            ``instructions``) names a task the data lacks.
+        loramix.data.DataError: bad data, by file and line; a task left without a training example.
+    """
+    tasks: list[TaskData] = []
+    sources = []
+    for index, source in enumerate(spec.tasks):
+        loaded = _load_source(source, index)
+        sources.append(_source_record(source, loaded))
+        tasks.extend(loaded)
+    task_set = TaskSet.from_task_data(tasks)
+    for name in ("validation", "test", "max_train", "instructions"):
+        _check_task_keys(f"data.{name}", getattr(spec, name), task_set.names)
+    examples = task_set.assign([example for task in tasks for example in task.examples], require_all=True)
+    splits = split_examples(
+        examples, validation=spec.validation, test=spec.test, seed=spec.split_seed, max_train=spec.max_train
+    )
+    _check_trained(spec, tasks, splits)
+    return task_set, splits, sources
+
+
+def _check_trained(spec: DataSpec, tasks: list[TaskData], splits: Splits) -> None:
+    """Raise a DataError naming the first task the split leaves without a training example."""
+    trained = {example.task for example in splits.train}
+    for task in tasks:
+        if task.name not in trained:
+            held = sum(1 for example in (*splits.validation, *splits.test) if example.task == task.name)
+            raise DataError(
+                f"task {task.name!r} has no training example after the split: {len(task.examples)} examples, "
+                f"{held} held out for validation and test (data.validation={spec.validation!r}, "
+                f"data.test={spec.test!r}, data.max_train={spec.max_train!r})"
+            )
+
+
+def extend_data(run: Run, source: SourceSpec) -> tuple[TaskSet, Splits, list[dict[str, Any]]]:
+    """A trained run's tasks and split (as saved with it) plus those of one more source.
+
+    The new tasks are split with the run's split settings; the split is seeded per task, so this is the
+    split a recipe listing every source would give, while the earlier tasks' data files are not read.
+
+    Returns:
+        The grown task set, split and source records.
+
+    Raises:
+        loramix.data.DataError: a new task's name is taken, its data is bad, or it has no training example.
+    """
+    spec = run.recipe.data
+    loaded = _load_source(source, len(spec.tasks))
+    task_set = TaskSet.from_dict(run.task_set.to_dict())
+    for task in loaded:
+        task_set.add(task.name, task.labels)
+    examples = task_set.assign([example for task in loaded for example in task.examples], require_all=False)
+    new = split_examples(
+        examples, validation=spec.validation, test=spec.test, seed=spec.split_seed, max_train=spec.max_train
+    )
+    _check_trained(spec, loaded, new)
+    splits = Splits(*(list(old) + list(added) for old, added in zip(run.splits, new, strict=True)))
+    return task_set, splits, [*run.sources, _source_record(source, loaded)]
+
+
 def load_tasks(spec: DataSpec) -> tuple[TaskSet, Splits]:
     """Read every source, number the tasks in order and split each task's examples.
 
@@ -137,15 +243,77 @@ def load_tasks(spec: DataSpec) -> tuple[TaskSet, Splits]:
     Raises:
         RecipeError: a source is missing; ``loramix.data.DataError`` names bad data by file and line.
     """
-    tasks: list[TaskData] = []
-    for index, source in enumerate(spec.tasks):
-        tasks.extend(_load_source(source, index))
-    task_set = TaskSet.from_task_data(tasks)
-    examples = task_set.assign([example for task in tasks for example in task.examples], require_all=True)
-    splits = split_examples(
-        examples, validation=spec.validation, test=spec.test, seed=spec.split_seed, max_train=spec.max_train
-    )
+    task_set, splits, _ = read_data(spec)
     return task_set, splits
+
+
+def check_recipe_tasks(recipe: Recipe, task_set: TaskSet) -> None:
+    """Check the stages' data overrides against the data's tasks (before anything is built or written).
+
+    Raises:
+        RecipeError: naming the field: an override that is invalid or changes the split, unknown tasks in
+            a stage's ``only_tasks`` or ``instructions``.
+    """
+    names = task_set.names
+    for stage in recipe.stages:
+        overrides = stage.data or {}
+        section = f"stages[{stage.name}].data"
+        recipe.data.overridden(overrides, stage.name)  # validates the overridden section as a whole
+        _check_task_keys(f"{section}.instructions", overrides.get("instructions"), names)
+        unknown = sorted(set(overrides.get("only_tasks") or ()) - set(names))
+        if unknown:
+            raise RecipeError(f"{section}.only_tasks: unknown tasks {unknown}; the data's tasks are {names}")
+
+
+def check_stages(recipe: Recipe, model: MixtureModel) -> None:
+    """Check every stage against the built model before training starts (not when the stage is reached).
+
+    Raises:
+        RecipeError: a stage's ``trainable``/``frozen`` patterns leave no parameter to train, or it has
+            ``options`` the method takes none of.
+    """
+    candidates = [name for name, param in model.named_parameters() if param.requires_grad]
+    takes_options = getattr(model.method, "start_stage", None) is not None
+    for stage in recipe.stages:
+        chosen = [
+            name
+            for name in candidates
+            if (stage.trainable is None or any(re.search(pattern, name) for pattern in stage.trainable))
+            and not any(re.search(pattern, name) for pattern in stage.frozen)
+        ]
+        if not chosen:
+            raise RecipeError(
+                f"stages[{stage.name}]: trainable={stage.trainable} frozen={stage.frozen} leave no parameter to "
+                f"train; candidate names look like: {', '.join(candidates[:4])}"
+            )
+        if stage.options and not takes_options:
+            raise RecipeError(
+                f"stages[{stage.name}].options={stage.options!r}: method {model.mixture_config.method!r} "
+                "takes no stage options (it has no start_stage)"
+            )
+
+
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+
+
+def check_max_length(spec: ModelSpec) -> None:
+    """Check ``model.max_length`` against the positions the model has (reads only its config).
+
+    Raises:
+        RecipeError: naming ``model.max_length`` and the model's limit.
+    """
+    if spec.name in TINY_MODELS:
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(spec.name))
+    for name in POSITION_FIELDS:
+        limit = getattr(config, name, None)
+        if isinstance(limit, int) and spec.max_length > limit:
+            raise RecipeError(
+                f"model.max_length={spec.max_length} is beyond the {limit} positions of model {spec.name!r} "
+                f"({name} in its config): use at most {limit}"
+            )
 
 
 def mixture_config(recipe: Recipe, task_set: TaskSet) -> MixtureConfig:
@@ -185,6 +353,7 @@ class Run:
         task_set: the tasks, in id order.
         splits: train/validation/test examples.
         model: the mixture model.
+        sources: one record per data source (settings and content hash), as the fingerprint holds them.
     """
 
     recipe: Recipe
@@ -192,6 +361,12 @@ class Run:
     task_set: TaskSet
     splits: Splits
     model: MixtureModel
+    sources: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What this run trains (see :func:`loramix.train.runinfo.run_fingerprint`)."""
+        return run_fingerprint(self.recipe, self.model.mixture_config.to_dict(), self.task_set, self.sources)
 
     def split(self, name: str) -> list[Example]:
         """The examples of split ``train``, ``validation`` or ``test``."""
@@ -221,40 +396,97 @@ class Run:
 
 
 def build_run(recipe: Recipe) -> Run:
-    """Load the tokenizer and data and build the mixture model of a recipe."""
+    """Load the tokenizer and data and build the mixture model of a recipe.
+
+    Everything the recipe says is checked against the data and the model's config before a model is
+    loaded; nothing is written.
+
+    Raises:
+        RecipeError: naming the field (tasks of ``instructions`` or of a stage, ``model.max_length``
+            beyond the model's positions, the mixture config).
+        loramix.data.DataError: bad data, by file and line, or a task without a training example.
+    """
     tokenizer = load_tokenizer(recipe.model)
-    task_set, splits = load_tasks(recipe.data)
+    task_set, splits, sources = read_data(recipe.data)
+    check_recipe_tasks(recipe, task_set)
+    check_max_length(recipe.model)
     labels = [task_set.num_labels(name) for name in task_set.names]
     if recipe.model.task_type == "classification" and not all(labels):
         generation = [name for name, count in zip(task_set.names, labels, strict=True) if not count]
         raise RecipeError(f"model.task_type is classification but tasks {generation} are generation tasks")
+    config = mixture_config(recipe, task_set)
     base = load_base_model(recipe.model, tokenizer, labels)
     torch.manual_seed(recipe.model.init_seed)
-    model = get_mixture_model(base, mixture_config(recipe, task_set))
-    return Run(recipe, tokenizer, task_set, splits, model)
+    model = get_mixture_model(base, config)
+    check_stages(recipe, model)
+    return Run(recipe, tokenizer, task_set, splits, model, sources)
 
 
 RECIPE_NAME = "recipe.yaml"
 
 
-def save_run_recipe(recipe: Recipe, adapter_dir: str | Path) -> None:
-    """Store the recipe next to a trained adapter, so the adapter can be evaluated, merged or exported alone."""
+def save_run_recipe(recipe: Recipe, adapter_dir: str | Path, run: Run | None = None) -> None:
+    """Store the recipe next to a trained adapter, so the adapter can be evaluated, merged or exported alone.
+
+    With ``run``, its split (every example) and fingerprint go beside it too (``split.jsonl``,
+    ``run.json``), so nothing needs the data files again; without, any split saved there before is
+    removed (it would belong to another recipe).
+    """
     recipe.to_yaml(Path(adapter_dir) / RECIPE_NAME)
+    if run is None:
+        remove_split(adapter_dir)
+    else:
+        write_split(adapter_dir, run.fingerprint, run.splits, data_files(run.sources))
+
+
+def _reread_data(directory: Path, recipe: Recipe) -> tuple[TaskSet, Splits, list[dict[str, Any]]]:
+    """The data of an adapter saved without its split: re-read and re-split, checked against its run file."""
+    run_path = directory / RUN_FILE
+    if not run_path.is_file():
+        warnings.warn(
+            f"{directory} has no saved split ({SPLIT_FILE}; written by an older loramix): re-reading and "
+            "re-splitting the data files of its recipe, which gives the training split only while they are unchanged",
+            stacklevel=3,
+        )
+        return read_data(recipe.data)
+    saved = read_run_file(run_path)["fingerprint"]
+    task_set, splits, sources = read_data(recipe.data)
+    current = run_fingerprint(recipe, saved["mixture"], task_set, sources)
+    changes = describe_changes({"data": saved["data"]}, {"data": current["data"]}, data_files(sources))
+    if changes:
+        raise DataError(
+            f"{directory}: its {SPLIT_FILE} is missing and its data changed since training: {'; '.join(changes)}"
+        )
+    return task_set, splits, sources
 
 
 def load_run(adapter_dir: str | Path) -> Run:
     """Rebuild a trained run from its adapter directory (as ``loramix train`` writes it).
 
+    The task set and split come from the directory's ``run.json`` and ``split.jsonl``: no data file is
+    read. An adapter saved without them re-reads its recipe's data (with a warning, or an error naming
+    the file when its ``run.json`` records other data hashes).
+
     Raises:
-        RecipeError: the directory holds no adapter or no recipe.
+        RecipeError: the directory holds no adapter or no recipe, or its split belongs to other tasks.
     """
     directory = Path(adapter_dir)
     if not (directory / RECIPE_NAME).is_file() or not is_mixture_directory(directory):
         raise RecipeError(f"{directory} is not a loramix adapter directory (no {RECIPE_NAME} or {CONFIG_NAME})")
     recipe = Recipe.from_yaml(directory / RECIPE_NAME)
     tokenizer = load_tokenizer(recipe.model)
-    task_set, splits = load_tasks(recipe.data)
+    saved = read_split(directory)
+    if saved is None:
+        task_set, splits, sources = _reread_data(directory, recipe)
+    else:
+        task_set, splits, fingerprint = saved
+        sources = fingerprint["data"]["tasks"]
+        adapter_tasks = json.loads((directory / "adapter_config.json").read_text()).get("task_names")
+        if adapter_tasks is not None and adapter_tasks != task_set.names:
+            raise RecipeError(
+                f"{directory}: {SPLIT_FILE} holds tasks {task_set.names} but the adapter was trained on {adapter_tasks}"
+            )
     labels = [task_set.num_labels(name) for name in task_set.names]
     base = load_base_model(recipe.model, tokenizer, labels)
     model = MixtureModel.from_pretrained(base, directory)
-    return Run(recipe, tokenizer, task_set, splits, model)
+    return Run(recipe, tokenizer, task_set, splits, model, sources)

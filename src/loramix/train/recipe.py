@@ -29,17 +29,29 @@ expert per task. Every section rejects unknown keys by name.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from loramix.train.settings import RecipeError, StageSettings, TrainingSettings, _check_keys
+from loramix.train.settings import RecipeError, StageSettings, TrainingSettings, _check_keys, _positive_int
 
 TASK_TYPES = ("classification", "generation")
 SOURCE_KINDS = ("bigbench", "jsonl", "hf")
 SAMPLERS = ("proportional", "temperature", "uniform", "more")
+BIGBENCH_MODES = ("auto", "classification", "generation")
+#: ``data:`` settings fixed for the whole run: the split is made once, before the first stage.
+SPLIT_KEYS = {"validation", "test", "split_seed", "max_train"}
+
+
+def _text(name: str, value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise RecipeError(f"{name}={value!r} is invalid: expected a non-empty string")
+    return value
 
 
 @dataclass
@@ -67,8 +79,12 @@ class ModelSpec:
             raise RecipeError(f"model.name={self.name!r} is invalid: expected a model name or path")
         if self.task_type not in TASK_TYPES:
             raise RecipeError(f"model.task_type={self.task_type!r} is invalid: expected one of {TASK_TYPES}")
-        if not isinstance(self.max_length, int) or self.max_length < 8:
+        if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length < 8:
             raise RecipeError(f"model.max_length={self.max_length!r} is invalid: expected an integer >= 8")
+        dropout = self.classifier_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise RecipeError(f"model.classifier_dropout={dropout!r} is invalid: expected a number in [0, 1)")
+        _positive_int("model", "init_seed", self.init_seed, minimum=0)
 
 
 @dataclass
@@ -111,11 +127,35 @@ class SourceSpec:
             raise RecipeError(f"data.tasks: each entry needs exactly one of {SOURCE_KINDS}, got {given or 'none'}")
         if self.hf is not None and not self.task:
             raise RecipeError(f"data.tasks: the hf source {self.hf!r} needs a task name (task: ...)")
+        where = f"data.tasks[{self.kind}: {getattr(self, self.kind)!r}]"
+        if not isinstance(getattr(self, self.kind), str):
+            raise RecipeError(f"{where} is invalid: expected a file, directory or dataset name")
+        if self.task is not None and (not isinstance(self.task, str) or not self.task):
+            raise RecipeError(f"{where}.task={self.task!r} is invalid: expected a non-empty task name")
+        if self.mode not in BIGBENCH_MODES:
+            raise RecipeError(f"{where}.mode={self.mode!r} is invalid: expected one of {BIGBENCH_MODES}")
+        if self.max_examples is not None:
+            _positive_int(where, "max_examples", self.max_examples)
+        if self.labels is not None and (
+            not isinstance(self.labels, list) or not all(isinstance(label, (str, int)) for label in self.labels)
+        ):
+            raise RecipeError(f"{where}.labels={self.labels!r} is invalid: expected a list of label names")
 
     @property
     def kind(self) -> str:
         """``bigbench``, ``jsonl`` or ``hf``."""
         return next(kind for kind in SOURCE_KINDS if getattr(self, kind) is not None)
+
+
+def _split_size(name: str, value: Any, counts_only: bool = False) -> None:
+    """Check a split setting: a count, a fraction in [0, 1) (unless ``counts_only``), or a mapping task -> one."""
+    values = value.values() if isinstance(value, dict) else [value]
+    for item in values:
+        count = isinstance(item, int) and not isinstance(item, bool) and item >= 0
+        fraction = not counts_only and isinstance(item, float) and 0 <= item < 1
+        if not (count or fraction):
+            expected = "a count >= 0" if counts_only else "a count >= 0 or a fraction in [0, 1)"
+            raise RecipeError(f"data.{name}={value!r} is invalid: expected {expected}, or a mapping task -> one")
 
 
 @dataclass
@@ -151,6 +191,26 @@ class DataSpec:
             raise RecipeError("data.tasks is empty: list at least one task source")
         if self.sampler not in SAMPLERS:
             raise RecipeError(f"data.sampler={self.sampler!r} is invalid: expected one of {SAMPLERS}")
+        for name in ("validation", "test"):
+            _split_size(name, getattr(self, name))
+        if self.max_train is not None:
+            _split_size("max_train", self.max_train, counts_only=True)
+        if not isinstance(self.split_seed, int) or isinstance(self.split_seed, bool):
+            raise RecipeError(f"data.split_seed={self.split_seed!r} is invalid: expected an integer")
+        temperature = self.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise RecipeError(f"data.temperature={self.temperature!r} is invalid: expected a number > 0")
+        if self.mixed is not None and not isinstance(self.mixed, bool):
+            raise RecipeError(f"data.mixed={self.mixed!r} is invalid: expected true, false or null")
+        if self.only_tasks is not None and (
+            not isinstance(self.only_tasks, list) or not all(isinstance(task, str) for task in self.only_tasks)
+        ):
+            raise RecipeError(f"data.only_tasks={self.only_tasks!r} is invalid: expected a list of task names")
+        if self.instructions is not None and (
+            not isinstance(self.instructions, dict)
+            or not all(isinstance(key, str) and isinstance(value, str) for key, value in self.instructions.items())
+        ):
+            raise RecipeError(f"data.instructions={self.instructions!r} is invalid: expected a mapping task -> text")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], section: str = "data") -> DataSpec:
@@ -176,6 +236,9 @@ class DataSpec:
         _check_keys(section, overrides, DataSpec)
         if "tasks" in overrides:
             raise RecipeError(f"{section}.tasks: a stage cannot change the tasks; use only_tasks")
+        fixed = sorted(SPLIT_KEYS & set(overrides))
+        if fixed:
+            raise RecipeError(f"{section}: a stage cannot change the split ({fixed}); set them in data:")
         return dataclasses.replace(self, **overrides)
 
 
@@ -196,6 +259,8 @@ class EvalSpec:
     def __post_init__(self) -> None:
         if self.split not in ("test", "validation"):
             raise RecipeError(f"eval.split={self.split!r} is invalid: expected 'test' or 'validation'")
+        _positive_int("eval", "batch_size", self.batch_size)
+        _positive_int("eval", "max_new_tokens", self.max_new_tokens)
 
 
 @dataclass
@@ -233,6 +298,12 @@ class Recipe:
         stages = data.get("stages") or []
         if not isinstance(stages, list):
             raise RecipeError("stages must be a list of stage mappings")
+        names = [
+            stage.get("name", f"stage{index + 1}") if isinstance(stage, dict) else None
+            for index, stage in enumerate(stages)
+        ]
+        if len(set(names)) != len(names):
+            raise RecipeError(f"stages: names must be distinct, got {names}")
         eval_section = data.get("eval") or {}
         _check_keys("eval", eval_section, EvalSpec)
         return cls(
@@ -242,8 +313,8 @@ class Recipe:
             training=TrainingSettings.from_dict(data.get("training") or {}),
             stages=[StageSettings.from_dict(stage, index) for index, stage in enumerate(stages)],
             eval=EvalSpec(**eval_section),
-            output_dir=str(data.get("output_dir", "runs/loramix")),
-            name=data.get("name"),
+            output_dir=_text("output_dir", data.get("output_dir", "runs/loramix")),
+            name=None if data.get("name") is None else _text("name", data["name"]),
         )
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,8 +32,8 @@ def _positive_int(section: str, name: str, value: Any, minimum: int = 1) -> None
 
 
 def _number(section: str, name: str, value: Any, minimum: float = 0.0) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < minimum:
-        raise RecipeError(f"{section}.{name}={value!r} is invalid: expected a number >= {minimum}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not minimum <= value < math.inf:
+        raise RecipeError(f"{section}.{name}={value!r} is invalid: expected a finite number >= {minimum}")
 
 
 def _patterns(section: str, name: str, value: Any) -> None:
@@ -129,6 +130,29 @@ class TrainingSettings:
         if "adam_betas" in data:
             data = {**data, "adam_betas": tuple(data["adam_betas"])}
         return cls(**data)
+
+
+def check_precision(settings: TrainingSettings) -> None:
+    """Check that ``training.mixed_precision`` can run where this run trains (before anything is written).
+
+    fp16 needs a CUDA GPU: on the CPU it would silently train in full precision. bf16 needs a GPU that
+    supports it when one is used (the CPU runs bf16 autocast).
+
+    Raises:
+        RecipeError: naming ``training.mixed_precision`` and the device.
+    """
+    import torch
+
+    setting = settings.mixed_precision
+    on_cpu = settings.use_cpu or not torch.cuda.is_available()
+    if setting == "fp16" and on_cpu:
+        where = "training.use_cpu is true" if settings.use_cpu else "no CUDA GPU is available"
+        raise RecipeError(
+            f"training.mixed_precision='fp16' needs a CUDA GPU, but {where}: fp16 would silently train in fp32; "
+            "use 'bf16', 'no' or 'auto'"
+        )
+    if setting == "bf16" and not on_cpu and not torch.cuda.is_bf16_supported():
+        raise RecipeError("training.mixed_precision='bf16' is not supported by this GPU: use 'fp16', 'no' or 'auto'")
 
 
 @dataclass
