@@ -753,7 +753,6 @@ CLI_CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
 # and then the mark goes).
 CLI_KNOWN_FAILURES = {
     "merge_input_routed_method": "save_merged creates --out before it finds the method cannot merge",
-    "train_resume_missing_checkpoint": "train creates the output directory before it checks --resume",
 }
 
 

@@ -14,6 +14,7 @@ import yaml
 
 from loramix.cli import main
 from loramix.data import DataError
+from loramix.model import mixture_config_file
 from loramix.train import list_checkpoints, load_run, read_log
 from loramix.train.runinfo import RUN_FILE, SPLIT_FILE, describe_changes
 
@@ -249,7 +250,7 @@ def _mixed_as_string(root):
 
 
 def _resume_foreign_checkpoint(root):
-    config = root / "run" / "checkpoint-00000002" / "adapter_config.json"
+    config = mixture_config_file(root / "run" / "checkpoint-00000002")
     config.write_text(config.read_text().replace('"lora_alpha": 16', '"lora_alpha": 64'))
     return ["train", _write_recipe(root), "--resume"]
 
@@ -347,7 +348,7 @@ def test_overwrite_replaces_only_the_old_runs_files(trained, tmp_path):
     run_dir = root / "run"
     assert [path.name for path in list_checkpoints(run_dir)] == ["checkpoint-00000001"]
     assert [record["step"] for record in read_log(run_dir / "log.jsonl", "train")] == [1]
-    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["lora_alpha"] == 64
+    assert json.loads(mixture_config_file(run_dir / "adapter").read_text())["lora_alpha"] == 64
     assert json.loads((run_dir / RUN_FILE).read_text())["fingerprint"]["mixture"]["lora_alpha"] == 64
     assert (run_dir / "notes.txt").read_text() == "mine"
     assert sorted(path.name for path in run_dir.iterdir() if path.name.startswith(".")) == []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import warnings
 from collections.abc import Mapping
@@ -13,7 +12,7 @@ from typing import Any
 
 import torch
 
-from loramix.config import CONFIG_NAME, MixtureConfig
+from loramix.config import CONFIG_NAME, MixtureConfig, read_json_file
 from loramix.data import (
     ClassificationTemplate,
     DataError,
@@ -31,7 +30,7 @@ from loramix.data import (
     split_examples,
 )
 from loramix.heads import MultiTaskSequenceClassifier
-from loramix.model import MixtureModel, get_mixture_model, is_mixture_directory
+from loramix.model import MixtureModel, get_mixture_model, is_mixture_directory, mixture_config_file
 from loramix.train.batches import SampledBatches
 from loramix.train.recipe import DataSpec, ModelSpec, Recipe, SourceSpec
 from loramix.train.runinfo import (
@@ -481,7 +480,7 @@ def load_run(adapter_dir: str | Path) -> Run:
     else:
         task_set, splits, fingerprint = saved
         sources = fingerprint["data"]["tasks"]
-        adapter_tasks = json.loads((directory / "adapter_config.json").read_text()).get("task_names")
+        adapter_tasks = read_json_file(mixture_config_file(directory)).get("task_names")
         if adapter_tasks is not None and adapter_tasks != task_set.names:
             raise RecipeError(
                 f"{directory}: {SPLIT_FILE} holds tasks {task_set.names} but the adapter was trained on {adapter_tasks}"

@@ -23,7 +23,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from loramix.config import read_json_file
 from loramix.data import DataError, Example, Splits, TaskData, TaskSet
+from loramix.model import is_mixture_directory, mixture_config_file
 from loramix.train.checkpoint import PREFIX, STATE_NAME, list_checkpoints
 from loramix.train.settings import RecipeError
 
@@ -231,9 +233,9 @@ def check_output_dir(directory: str | Path, resume: bool | str | Path, overwrite
         raise RecipeError("--resume and --overwrite exclude each other: resume a run or replace it")
     if directory.exists() and not directory.is_dir():
         raise RecipeError(f"output directory {directory} is a file: choose a directory for output_dir")
-    if (directory / "adapter_config.json").is_file():
+    if is_mixture_directory(directory):
         raise RecipeError(
-            f"output directory {directory} is an adapter directory (it holds adapter_config.json): "
+            f"output directory {directory} is an adapter directory (it holds a saved mixture): "
             "choose another output_dir (the run writes its adapter to <output_dir>/adapter)"
         )
     entries = run_entries(directory)
@@ -278,11 +280,11 @@ def check_resume(
         RecipeError: naming every difference (``mixture.lora_alpha: 16 -> 64``, a task renamed, a data
             file changed, named from ``files``).
     """
-    config_path = checkpoint / "adapter_config.json"
     try:
-        saved_mixture = json.loads(config_path.read_text())
+        config_path = mixture_config_file(checkpoint)
+        saved_mixture = read_json_file(config_path)
     except (OSError, ValueError) as error:
-        raise RecipeError(f"cannot resume: {config_path} is unreadable ({error})") from None
+        raise RecipeError(f"cannot resume: the mixture config of {checkpoint} is unreadable ({error})") from None
     saved_mixture = {key: value for key, value in saved_mixture.items() if key not in SAVE_ONLY_KEYS}
     # the checkpoint's own config, so that a checkpoint of another run placed here is never adopted
     checkpoint_changes = [f"mixture.{line}" for line in _differences(saved_mixture, fingerprint["mixture"], "")]
