@@ -98,7 +98,7 @@ def test_accumulation_equals_one_batch(one_batch, tmp_path, method):
     _assert_same(_train(method, 4, 2, tmp_path), one_batch[method])
 
 
-def _torchrun(tmp_path, port: int, extra_env: dict[str, str]) -> dict:
+def _torchrun(tmp_path, port: int, extra_env: dict[str, str], *options: str) -> dict:
     result_file = tmp_path / "result.json"
     env = {
         **os.environ,
@@ -119,6 +119,7 @@ def _torchrun(tmp_path, port: int, extra_env: dict[str, str]) -> dict:
         str(tmp_path / "run"),
         str(result_file),
         *METHODS,
+        *options,
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     if completed.returncode != 0:
@@ -133,8 +134,8 @@ def test_two_ddp_processes_equal_one(one_batch, tmp_path):
         _assert_same(results[method], one_batch[method])
 
 
-def test_two_fsdp_processes_equal_one_and_save_a_loadable_adapter(one_batch, tmp_path):
-    results = _torchrun(tmp_path, 29523, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
+def test_two_fsdp_processes_equal_one_save_a_loadable_adapter_and_resume_exactly(one_batch, tmp_path):
+    results = _torchrun(tmp_path, 29523, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "--resume-check")
     for method in METHODS:
         assert results[method]["world"] == 2 and results[method]["engine"] == "FSDP"
         _assert_same(results[method], one_batch[method])
@@ -142,3 +143,7 @@ def test_two_fsdp_processes_equal_one_and_save_a_loadable_adapter(one_batch, tmp
         loaded = MixtureModel.from_pretrained(build("llama"), tmp_path / "run" / method / "adapter")
         for key, value in one_batch[method]["weights"].items():
             torch.testing.assert_close(loaded.adapter_state_dict()[key], value, rtol=1e-5, atol=1e-5)
+    # crash after step 2 (checkpointed) + resume with a fresh model under FSDP ends where the FSDP run ends
+    resumed, uninterrupted = results["resumed"], results[METHODS[0]]
+    assert resumed["losses"] == uninterrupted["losses"][2:]
+    assert resumed["weights"] == uninterrupted["weights"]
