@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from loramix import MixtureConfig, get_mixture_model
 from loramix.model import MixtureModel
@@ -13,11 +14,24 @@ SEQ_LEN = 12
 torch.set_num_threads(1)
 
 
-def causal_lm(method: str = "moelora", num_tasks: int = 2, seed: int = 0, **mixture) -> MixtureModel:
-    """The tiny Llama of ``tiny_models`` with a mixture on q/v projections (no dropout)."""
-    settings = {"r": 2, "num_experts": 2, **mixture} if method != "more" else {"r": 4, **mixture}
+def tied_llama(seed: int = 0) -> torch.nn.Module:
+    """The tiny Llama of ``tiny_models`` with its output layer tied to the input embeddings (SmolLM2's layout)."""
+    base = build("llama", seed=seed)
+    config = LlamaConfig(**{**base.config.to_dict(), "tie_word_embeddings": True})
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def causal_lm(
+    method: str = "moelora", num_tasks: int = 2, seed: int = 0, tied: bool = False, **mixture
+) -> MixtureModel:
+    """The tiny Llama of ``tiny_models`` (tied embeddings if asked) with a mixture on q/v projections."""
+    defaults = {"more": {"r": 4}, "smora": {"r": 8, "top_k": 2}}.get(method, {"r": 2, "num_experts": 2})
+    settings = {**defaults, **mixture}
     config = MixtureConfig(method=method, target_modules=["q_proj", "v_proj"], num_tasks=num_tasks, **settings)
-    return get_mixture_model(build("llama", seed=seed), config)
+    return get_mixture_model(tied_llama(seed) if tied else build("llama", seed=seed), config)
 
 
 def generation_examples(count: int = 32, num_tasks: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
