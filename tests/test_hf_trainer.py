@@ -171,3 +171,27 @@ def test_trl_sft_trainer_trains_the_mixture_with_its_aux_loss_and_saves_the_adap
 def stack_examples_of_lists(features: list[dict]) -> dict[str, torch.Tensor]:
     """Collate rows of a ``datasets.Dataset`` (lists of ints) into a batch of tensors."""
     return {key: torch.tensor([feature[key] for feature in features]) for key in features[0]}
+
+
+@pytest.mark.parametrize("method", ["more", "moelora"])
+def test_mixture_trainer_objective_does_not_depend_on_accumulation(tmp_path, method):
+    """Batch 8 == batch 4 x accumulation 2 under MixtureTrainer: token sum / the step's target tokens, MoRE's
+    contrastive loss weighted by the micro-batch's share (plain Trainer adds it per micro-batch undivided)."""
+    runs = []
+    for batch, accumulation in ((8, 1), (4, 2)):
+        model = causal_lm(method, tied=True)
+        arguments = _arguments(
+            tmp_path / str(batch),
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_steps=3,
+            save_strategy="no",
+        )
+        trainer = MixtureTrainer(model=model, args=arguments, train_dataset=EXAMPLES, data_collator=stack_examples)
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        runs.append((losses, model.adapter_state_dict()))
+    assert len(runs[0][0]) == 3 and runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
+    for key, value in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][key], value, rtol=1e-5, atol=1e-6)
+    assert max(float(value.abs().max()) for key, value in runs[0][1].items() if "lora_B" in key) > 1e-3

@@ -80,8 +80,11 @@ class MixtureTrainerMixin:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         mixture = find_mixture(self.model)
-        if not isinstance(mixture.forward, functools.partial):
+        self._loramix_trl = not isinstance(mixture.forward, functools.partial)
+        if self._loramix_trl:
             self._move_fused_head(mixture)
+        else:
+            self.loss_is_scaled_for_ga = True  # compute_loss scales for accumulation itself
         if not any(isinstance(callback, StepEndCallback) for callback in self.callback_handler.callbacks):
             self.add_callback(StepEndCallback())
 
@@ -114,6 +117,58 @@ class MixtureTrainerMixin:
         mixture.forward = forward
         self.aux_loss_enabled = True
         self.router_aux_loss_coef = mixture.method.aux_loss_weight(mixture.mixture_config)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        """The loss of loramix's objective: the same whatever the batch size, accumulation and process count.
+
+        With token labels, the token-loss sum of the micro-batch divided by ``num_items_in_batch`` (the
+        target tokens of the whole optimizer step, as the Trainer counts them); with one label per row, the
+        micro-batch's mean times its share of the step's rows. The mixture's auxiliary losses enter with the
+        micro-batch's share of the step (``1 / accumulation steps``). TRL's trainers, a ``compute_loss_func``
+        or label smoothing keep their own loss.
+        """
+        if self._loramix_trl or self.compute_loss_func is not None or self.label_smoother is not None:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        import torch
+        import torch.nn.functional as F
+
+        mixture = find_mixture(model)
+        labels = inputs.get("labels")
+        steps = self.current_gradient_accumulation_steps if model.training else 1
+        # the Trainer counts num_items over every process with average_tokens_across_devices; DDP then averages
+        processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        tokens = labels is not None and labels.dim() >= 2 and not labels.is_floating_point()
+        if tokens and num_items_in_batch is not None:
+            outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
+            logits = outputs["logits"]
+            if not getattr(mixture.config, "is_encoder_decoder", False):
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            token_sum = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            loss = token_sum / torch.as_tensor(num_items_in_batch, device=token_sum.device).clamp(min=1) * processes
+            aux = mixture.last_aux_losses
+            if aux:
+                loss = loss + mixture.method.aux_loss_weight(mixture.mixture_config) * sum(aux.values()) / steps
+        else:
+            outputs = model(**inputs)
+            if outputs.get("loss") is None:
+                raise ValueError("the mixture returned no loss: the batch needs labels")
+            loss = outputs["loss"]
+            if num_items_in_batch is not None and labels is not None and not tokens:
+                share = labels.shape[0] / torch.as_tensor(num_items_in_batch, device=loss.device).clamp(min=1)
+                loss = loss * share * processes
+            else:
+                loss = loss / steps
+        return (loss, outputs) if return_outputs else loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the adapter (not the base model) and the processing class, as ``save_pretrained`` would."""

@@ -469,7 +469,7 @@ class Trainer:
         labels = batch.get("labels")
         if labels is None:
             raise ValueError("the batch has no labels: the trainer needs them to compute the loss")
-        if labels.dim() < 2:
+        if not _token_labels(labels):
             return 0, int(labels.shape[0])
         shifted = labels if self._encoder_decoder else labels[:, 1:]
         return int((shifted != IGNORE_INDEX).sum()), int(labels.shape[0])
@@ -481,7 +481,7 @@ class Trainer:
         labels = batch["labels"]
         share = labels.shape[0] / rows
         weight = self.model.method.aux_loss_weight(self.model.mixture_config)
-        if labels.dim() >= 2:
+        if _token_labels(labels):
             outputs = wrapped(**{key: value for key, value in batch.items() if key != "labels"})
             logits = outputs["logits"]
             if not self._encoder_decoder:
@@ -600,6 +600,11 @@ class Trainer:
             scaler=self.accelerator.scaler,
             root=wrapped,
         )
+
+
+def _token_labels(labels: torch.Tensor) -> bool:
+    """Integer labels with a sequence dimension are token labels; 1-d or float ones (multi-label) are per row."""
+    return labels.dim() >= 2 and not labels.is_floating_point()
 
 
 def _as_float(norm: Any) -> float | None:
