@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from loramix.train import RecipeError, Trainer, TrainingSettings, list_checkpoints, read_log
+from loramix.train import RecipeError, Trainer, TrainingSettings, latest_checkpoint, list_checkpoints, read_log
 from loramix.train.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
 from loramix.train.trainer import NonFiniteError
 from train_fixtures import batch_factory, classification_examples, classifier
@@ -173,3 +173,32 @@ def test_resume_refuses_another_run_naming_the_keys(tmp_path):
     assert [record["step"] for record in state.history] == [3, 4]
     saved = json.loads((tmp_path / "checkpoint-00000004" / "trainer_state.json").read_text())
     assert saved["fingerprint"] == fingerprint
+
+
+def test_latest_checkpoint_can_skip_damaged_ones(tmp_path):
+    _trainer(tmp_path).train()
+    (tmp_path / "checkpoint-00000004" / "trainer_state.json").write_text("{}")
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000004"
+    with pytest.warns(
+        UserWarning, match=r"checkpoint-00000004 is damaged \(trainer_state.json \(checksum mismatch\)\)"
+    ):
+        assert latest_checkpoint(tmp_path, verify=True).name == "checkpoint-00000002"
+
+
+def test_ddp_without_find_unused_parameters_refuses_a_freezing_stage_at_start(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from loramix.train import StageSettings
+
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    settings = TrainingSettings(
+        max_steps=2, batch_size=4, find_unused_parameters=False, progress_bar=False, mixed_precision="no", use_cpu=True
+    )
+    stages = [StageSettings(name="all", max_steps=1), StageSettings(name="heads", max_steps=1, frozen=["lora_"])]
+    model = classifier()
+    before = {name: param.requires_grad for name, param in model.named_parameters()}
+    trainer = Trainer(model, settings, batch_factory(classification_examples(24), 4), tmp_path, stages=stages)
+    with pytest.raises(RecipeError, match=r"stages\[heads\] freezes .*find_unused_parameters: true"):
+        trainer.train()
+    assert {name: param.requires_grad for name, param in model.named_parameters()} == before
+    assert not list_checkpoints(tmp_path)
