@@ -89,8 +89,10 @@ def test_a_run_of_nonfinite_steps_stops_naming_the_step_and_keeps_the_last_finit
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]
 
 
-def _reference(tmp_path) -> dict[str, torch.Tensor]:
-    trainer = _trainer(tmp_path / "reference")
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The adapter of an uninterrupted 4-step run."""
+    trainer = _trainer(tmp_path_factory.mktemp("reference"))
     trainer.train()
     return _snapshot(trainer.model)
 
@@ -105,8 +107,8 @@ def _damage(path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["flip", "truncate"])
-def test_a_damaged_latest_checkpoint_is_named_and_resume_falls_back(tmp_path, how):
-    expected = _reference(tmp_path)
+def test_a_damaged_latest_checkpoint_is_named_and_resume_falls_back(tmp_path, reference, how):
+    expected = reference
     run = tmp_path / "run"
     _trainer(run).train()
     latest = run / "checkpoint-00000004"
