@@ -1,7 +1,7 @@
 """Two processes (gloo, CPU, launched by torchrun) reach the losses of one process with the same global batch.
 
-The run has two stages, so the model is wrapped for DDP twice (the second time with other parameters
-trainable).
+The run has two stages: the model is prepared for DDP once, and the second stage freezes ``lora_A`` under the
+wrapper. The shipped accelerate configs name their engine, and engines loramix cannot run fail at start.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loramix.train import StageSettings, Trainer, TrainingSettings
+from loramix.train import RecipeError, StageSettings, Trainer, TrainingSettings
 from train_fixtures import batch_factory, classification_examples, classifier
 
 TESTS = Path(__file__).resolve().parent
@@ -97,3 +97,32 @@ def test_two_processes_match_one(tmp_path):
         torch.testing.assert_close(torch.tensor(result["weights"][key]), value, rtol=1e-4, atol=1e-6)
     checkpoint = tmp_path / "run" / f"checkpoint-{STEPS:08d}"
     assert (checkpoint / "rank_state_0.json").is_file() and (checkpoint / "rank_state_1.json").is_file()
+
+
+CONFIGS = TESTS.parent / "recipes" / "accelerate"
+
+
+def test_shipped_accelerate_configs_name_their_engine():
+    import yaml
+
+    configs = {path.stem: yaml.safe_load(path.read_text()) for path in CONFIGS.glob("*.yaml")}
+    assert set(configs) == {"ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"}
+    assert configs["ddp"]["distributed_type"] == "MULTI_GPU" and configs["ddp"]["num_processes"] == 2
+    assert configs["fsdp"]["distributed_type"] == "FSDP" and configs["fsdp"]["fsdp_config"]["fsdp_version"] == 2
+    assert [configs[f"deepspeed_zero{stage}"]["deepspeed_config"]["zero_stage"] for stage in (2, 3)] == [2, 3]
+
+
+@pytest.mark.parametrize(
+    ("environment", "message"),
+    [
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed, which loramix's trainer does not support"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1, which needs a GPU"),
+    ],
+)
+def test_an_engine_loramix_cannot_honour_fails_at_start(tmp_path, monkeypatch, environment, message):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    settings = TrainingSettings(batch_size=4, progress_bar=False, mixed_precision="no", use_cpu=True)
+    with pytest.raises(RecipeError, match=message):
+        Trainer(classifier(), settings, batch_factory(classification_examples(8), 4), tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -1,27 +1,45 @@
-"""The training loop on Hugging Face accelerate: stages, accumulation, clipping, logs, checkpoints, resume."""
+"""The training loop on Hugging Face accelerate: stages, accumulation, clipping, logs, checkpoints, resume.
+
+One objective whatever the layout: the loss of an optimizer step is computed over the step's whole global
+batch (every micro-batch of every process). For token labels (causal LMs, ``-100`` ignored) it is the sum of
+the token losses divided by the number of target tokens of the global batch; for one label per row
+(classification) it is the mean over the global batch's rows; the method's auxiliary losses enter with
+the weight of their micro-batch's rows in the global batch. So one process with batch 8, batch 4 with
+accumulation 2 and two processes with batch 4 train the same weights.
+"""
 
 from __future__ import annotations
 
-import gc
 import json
+import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from tqdm.auto import tqdm
 
 from loramix.model import MixtureModel
 from loramix.train.batches import Batch, BatchSource
-from loramix.train.checkpoint import STATE_NAME, CheckpointManager, latest_checkpoint
+from loramix.train.checkpoint import (
+    STATE_NAME,
+    CheckpointError,
+    CheckpointManager,
+    gather_adapter_state,
+    list_checkpoints,
+    model_is_sharded,
+    verify_checkpoint,
+    write_adapter,
+)
 from loramix.train.logs import RunLogger
-from loramix.train.params import build_optimizer, select_trainable
+from loramix.train.params import build_run_optimizer, select_trainable, stage_selection, start_stage_lrs
 from loramix.train.rng import get_rng_state, seed_everything, set_rng_state
 from loramix.train.schedules import make_scheduler
 from loramix.train.settings import RecipeError, StageSettings, TrainingSettings
@@ -29,6 +47,41 @@ from loramix.train.settings import RecipeError, StageSettings, TrainingSettings
 BatchFactory = Callable[[StageSettings, int, int], BatchSource]
 Evaluator = Callable[[MixtureModel], dict[str, dict[str, float]]]
 ADAPTER_DIR = "adapter"
+IGNORE_INDEX = -100
+# Optimizer steps in a row with a non-finite loss or gradient norm after which a run stops.
+MAX_NONFINITE_STEPS = 5
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradient norm for too many optimizer steps in a row."""
+
+
+class _PlainOutputs(torch.nn.Module):
+    """The module accelerate prepares: the mixture model returning a plain dict of ``logits`` (and ``loss``).
+
+    DDP rebuilds a model output from its tensors after the forward, which fails for a transformers output
+    that gained an ``aux_losses`` entry; a plain dict passes. Other attributes (``_no_split_modules``,
+    ``get_input_embeddings`` ...) are those of the mixture model, so FSDP wraps the same layers.
+    """
+
+    def __init__(self, mixture: MixtureModel) -> None:
+        super().__init__()
+        self.mixture = mixture
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "mixture":
+                raise
+            return getattr(self.mixture, name)
+
+    def forward(self, **batch: Any) -> dict[str, torch.Tensor]:
+        outputs = self.mixture(**batch)
+        plain = {"logits": outputs["logits"]}
+        if outputs.get("loss") is not None:
+            plain["loss"] = outputs["loss"]
+        return plain
 
 
 def _distributed_on_cpu() -> bool:
@@ -36,11 +89,64 @@ def _distributed_on_cpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
 def resolve_mixed_precision(setting: str) -> str:
     """``auto`` becomes ``bf16`` on a CUDA device that supports it and ``no`` elsewhere."""
     if setting != "auto":
         return setting
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_accelerator(settings: TrainingSettings) -> Accelerator:
+    """The run's :class:`~accelerate.Accelerator`, honouring the engine ``accelerate launch`` asked for.
+
+    ``accelerate launch --config_file CONFIG`` tells the processes which engine to use through environment
+    variables. On a CUDA machine accelerate sets itself up from them. On the CPU (``use_cpu`` or no CUDA),
+    accelerate would silently fall back to DDP whatever the config says; loramix instead runs FSDP2 over
+    gloo (the config's ``fsdp_version: 2``) and refuses what it cannot run there.
+
+    Raises:
+        RecipeError: the launch asks for an engine loramix cannot honour (DeepSpeed; FSDP1 on the CPU).
+    """
+    mixed_precision = resolve_mixed_precision(settings.mixed_precision)
+    cpu = settings.use_cpu or _distributed_on_cpu() or not torch.cuda.is_available()
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise RecipeError(
+            "accelerate launch asks for DeepSpeed, which loramix's trainer does not support yet (its engine "
+            "owns accumulation, clipping and sharded saving; untested here): use recipes/accelerate/fsdp.yaml "
+            "(FSDP2) or ddp.yaml"
+        )
+    fsdp = _env_flag("ACCELERATE_USE_FSDP")
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=settings.find_unused_parameters)]
+    options = {
+        "mixed_precision": mixed_precision,
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "kwargs_handlers": handlers,
+    }
+    if not (fsdp and cpu):
+        return Accelerator(cpu=settings.use_cpu or _distributed_on_cpu(), **options)
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise RecipeError(
+            f"accelerate launch asks for FSDP version {plugin.fsdp_version}, which needs a GPU; on the CPU loramix "
+            "runs FSDP2: set fsdp_version: 2 in the accelerate config (recipes/accelerate/fsdp.yaml)"
+        )
+    accelerator = Accelerator(cpu=True, **options)
+    if accelerator.num_processes > 1:
+        if mixed_precision != "no":
+            plugin.set_mixed_precision(mixed_precision)
+        from accelerate.state import PartialState
+
+        # AcceleratorState copies PartialState's engine whenever it is instantiated again: set both.
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+    return accelerator
 
 
 @dataclass
@@ -52,9 +158,11 @@ class TrainerState:
         stage_name: its name.
         stage_step: optimizer steps done in the current stage.
         global_step: optimizer steps done over all stages.
-        history: one record per optimizer step (``step``, ``stage``, ``loss``, ``lr`` (the largest of the
-            parameter groups), ``examples_per_s`` and the mean auxiliary losses as ``aux_<name>``),
-            averaged over micro-batches and processes.
+        history: one record per optimizer step (``step``, ``stage``, ``loss`` (the step's objective over
+            the global batch, auxiliary losses included), ``lr`` (the largest of the parameter groups),
+            ``grad_norm`` (before clipping), ``skipped`` (the step was non-finite and not applied),
+            ``examples_per_s`` and the auxiliary losses as ``aux_<name>``, weighted by rows over the global
+            batch).
         metrics: the latest validation metrics by task (e.g. ``{"sst2": {"accuracy": 0.9, "loss": 0.3}}``).
     """
 
@@ -69,23 +177,37 @@ class TrainerState:
 class Trainer:
     """Trains a :class:`~loramix.model.MixtureModel` with AdamW over its trainable parameters.
 
-    Works in one process and under ``accelerate launch`` / ``torchrun`` (DDP): each rank reads its own
-    shard of the data from the :class:`~loramix.train.batches.BatchSource` the factory gives it, gradients
-    are averaged across ranks, and logged losses are averaged over ranks too. Each step runs
-    ``gradient_accumulation_steps`` micro-batches (gradients synchronised on the last only), clips the
-    gradient norm, steps the optimizer and the schedule.
+    Works in one process and under ``accelerate launch`` / ``torchrun`` (DDP, and FSDP2 through an
+    accelerate config): each rank reads its own shard of the data from the
+    :class:`~loramix.train.batches.BatchSource` the factory gives it. Each step runs
+    ``gradient_accumulation_steps`` micro-batches under ``accelerator.accumulate`` (gradients synchronised
+    on the last only) and optimises one objective over the global batch (see the module's docstring),
+    clips the gradient norm through the accelerator, steps the optimizer and the schedule. The model and
+    one optimizer are prepared once for the whole run; a stage changes which parameters train and their
+    learning rates, and starts AdamW's moments afresh.
+
+    A step whose loss or gradient norm is not finite is not applied (logged with ``skipped: true``);
+    ``max_nonfinite_steps`` of them in a row stop the run with :class:`NonFiniteError`. The newest checkpoint
+    taken after a finite step is never rotated away.
 
     Args:
         model: the mixture model (its ``forward`` takes the batch dict, ``task_ids`` included, and returns
-            an output whose ``loss`` includes the auxiliary losses).
+            an output with ``logits`` and, given labels, a ``loss`` that includes the auxiliary losses).
         settings: how to train.
         batches: ``batches(stage, rank, world_size)`` returns the batch source of one rank for a stage.
         output_dir: where logs, checkpoints and the final adapter go.
         stages: the stages in order; ``None`` trains one stage with ``settings``.
-        evaluator: ``evaluator(model)`` returns validation metrics by task; run on the main process every
-            ``eval_every`` steps and at the end of each stage, with the model in eval mode.
+        evaluator: ``evaluator(model)`` returns validation metrics by task; run every ``eval_every`` steps
+            and at the end of each stage, with the model in eval mode, on the main process (on every rank
+            when parameters are sharded, since their forward needs every rank).
         callbacks: each is called as ``callback(state)`` after every optimizer step (after any checkpoint
             of that step).
+        fingerprint: JSON data identifying the run (config, data hashes ...), saved in every checkpoint;
+            resuming from a checkpoint whose fingerprint differs is refused, naming the keys that differ.
+        max_nonfinite_steps: non-finite steps in a row that stop the run.
+
+    Raises:
+        RecipeError: stage names repeat, or the launch asks for an engine loramix cannot honour.
     """
 
     def __init__(
@@ -97,7 +219,11 @@ class Trainer:
         stages: Sequence[StageSettings] | None = None,
         evaluator: Evaluator | None = None,
         callbacks: Sequence[Callable[[TrainerState], None]] = (),
+        fingerprint: dict[str, Any] | None = None,
+        max_nonfinite_steps: int = MAX_NONFINITE_STEPS,
     ) -> None:
+        if not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps={max_nonfinite_steps!r} must be an integer >= 1")
         self.model = model
         self.settings = settings
         self.batches = batches
@@ -108,13 +234,11 @@ class Trainer:
             raise RecipeError(f"stages: names must be distinct, got {names}")
         self.evaluator = evaluator
         self.callbacks = list(callbacks)
+        self.fingerprint = None if fingerprint is None else json.loads(json.dumps(fingerprint))
+        self.max_nonfinite_steps = max_nonfinite_steps
         self.state = TrainerState()
         self.candidates = [name for name, param in model.named_parameters() if param.requires_grad]
-        self.accelerator = Accelerator(
-            cpu=settings.use_cpu or _distributed_on_cpu(),
-            mixed_precision=resolve_mixed_precision(settings.mixed_precision),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=settings.find_unused_parameters)],
-        )
+        self.accelerator = make_accelerator(settings)
         self.checkpoints = CheckpointManager(
             self.output_dir,
             keep_last=settings.keep_last,
@@ -122,58 +246,126 @@ class Trainer:
             barrier=self.accelerator.wait_for_everyone,
         )
         self.logger = RunLogger(self.output_dir) if self.accelerator.is_main_process else None
+        config = getattr(model, "config", None)
+        self._encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+        self._nonfinite = 0
 
     # ------------------------------------------------------------------ public
     def train(self, resume_from: str | Path | bool | None = None) -> TrainerState:
         """Run every stage (or what is left of them after a checkpoint) and save the final adapter.
 
-        Afterwards the parameters that were trainable before training are trainable again.
+        Afterwards the parameters that were trainable before training are trainable again. Under FSDP the
+        model's parameters stay sharded; the saved adapter (``output_dir/adapter``) holds the full tensors.
 
         Args:
-            resume_from: a checkpoint directory, ``True`` for the latest one under ``output_dir`` (a fresh
-                start when there is none), or ``None``/``False`` for a fresh start.
+            resume_from: a checkpoint directory, ``True`` for the newest intact one under ``output_dir`` (a
+                fresh start when there is none; damaged ones are skipped with a warning naming their
+                files), or ``None``/``False`` for a fresh start.
 
         Returns:
             The final :class:`TrainerState`.
+
+        Raises:
+            CheckpointError: the checkpoint to resume from is damaged, or none under ``output_dir`` is intact.
+            RecipeError: the checkpoint was written for other stages or another run (fingerprint).
+            NonFiniteError: ``max_nonfinite_steps`` steps in a row were not finite.
         """
         seed_everything(self.settings.seed)
-        if self.settings.gradient_checkpointing:
-            self.model.activation_checkpointing_enable()
         checkpoint = self._resolve_resume(resume_from)
         start_stage = 0
         if checkpoint is not None:
-            start_stage = self._read_stage_index(checkpoint)
-        offset = sum(stage.max_steps for stage in self.stages[:start_stage])
-        for index in range(start_stage, len(self.stages)):
-            self._run_stage(index, offset, checkpoint if index == start_stage else None)
-            offset += self.stages[index].max_steps
+            start_stage = self._check_resume(checkpoint)
+        self._check_layout()
+        if self.settings.gradient_checkpointing:
+            self.model.activation_checkpointing_enable()
         candidates = set(self.candidates)
         for name, param in self.model.named_parameters():
             param.requires_grad_(name in candidates)
+        optimizer = build_run_optimizer(self.model, self.candidates, self.stages, self.settings)
+        wrapped, optimizer = self.accelerator.prepare(_PlainOutputs(self.model), optimizer)
+        try:
+            offset = sum(stage.max_steps for stage in self.stages[:start_stage])
+            for index in range(start_stage, len(self.stages)):
+                self._run_stage(index, offset, checkpoint if index == start_stage else None, wrapped, optimizer)
+                offset += self.stages[index].max_steps
+        finally:
+            for name, param in self.model.named_parameters():
+                param.requires_grad_(name in candidates)
+        adapter = gather_adapter_state(self.model)
         if self.accelerator.is_main_process:
-            self.model.save_pretrained(self.output_dir / ADAPTER_DIR)
+            write_adapter(self.model, adapter, self.output_dir / ADAPTER_DIR)
             self.logger.close()
         self.accelerator.wait_for_everyone()
+        self.accelerator.free_memory()
         return self.state
 
-    # ------------------------------------------------------------------ stages
+    # ------------------------------------------------------------------ resume and layout checks
     def _resolve_resume(self, resume_from: str | Path | bool | None) -> Path | None:
         if resume_from is None or resume_from is False:
             return None
         if resume_from is True:
-            return latest_checkpoint(self.output_dir)
+            checkpoints = list_checkpoints(self.output_dir)
+            if not checkpoints:
+                if self.accelerator.is_main_process:
+                    warnings.warn(
+                        f"no checkpoint under {self.output_dir} to resume from: starting afresh", stacklevel=3
+                    )
+                return None
+            damaged = []
+            for path in reversed(checkpoints):
+                problems = verify_checkpoint(path)
+                if not problems:
+                    if damaged and self.accelerator.is_main_process:
+                        warnings.warn(
+                            f"resuming from {path.name}: newer checkpoints are damaged ({'; '.join(damaged)})",
+                            stacklevel=3,
+                        )
+                    return path
+                damaged.append(f"{path.name}: {', '.join(problems)}")
+            raise CheckpointError(f"no intact checkpoint under {self.output_dir}: {'; '.join(damaged)}")
         path = Path(resume_from)
         if not path.is_dir():
             raise FileNotFoundError(f"cannot resume: checkpoint {path} does not exist")
+        problems = verify_checkpoint(path)
+        if problems:
+            raise CheckpointError(f"cannot resume: checkpoint {path} is damaged: {', '.join(problems)}")
         return path
 
-    def _read_stage_index(self, checkpoint: Path) -> int:
+    def _check_resume(self, checkpoint: Path) -> int:
+        """The stage index to resume at, after checking the checkpoint belongs to this run."""
         saved = json.loads((checkpoint / STATE_NAME).read_text())
         names = [stage.name for stage in self.stages]
         if saved.get("stages") != names:
             raise RecipeError(f"checkpoint {checkpoint} was written for stages {saved.get('stages')}, not {names}")
+        theirs = saved.get("fingerprint")
+        if self.fingerprint is not None and theirs is not None and theirs != self.fingerprint:
+            if isinstance(theirs, dict):
+                keys = sorted(
+                    key for key in {*theirs, *self.fingerprint} if theirs.get(key) != self.fingerprint.get(key)
+                )
+            else:
+                keys = ["fingerprint"]
+            raise RecipeError(
+                f"cannot resume from {checkpoint}: the run changed since it was written ({', '.join(keys)} differ); "
+                "start a new output directory, or resume with the run as it was"
+            )
         return int(saved["stage_index"])
 
+    def _check_layout(self) -> None:
+        """Refuse, before any step, a stage layout DDP cannot run."""
+        accelerator = self.accelerator
+        if accelerator.distributed_type == DistributedType.FSDP or accelerator.num_processes == 1:
+            return
+        if self.settings.find_unused_parameters:
+            return
+        for stage in self.stages:
+            if len(stage_selection(self.candidates, stage)) != len(self.candidates):
+                raise RecipeError(
+                    f"stages[{stage.name}] freezes some trainable parameters, which DDP over "
+                    f"{accelerator.num_processes} processes only allows with training.find_unused_parameters: true"
+                )
+
+    # ------------------------------------------------------------------ stages
     def _start_stage(self, stage: StageSettings) -> None:
         select_trainable(self.model, self.candidates, stage)
         hook = getattr(self.model.method, "start_stage", None)
@@ -185,25 +377,33 @@ class Trainer:
                 "takes no stage options (it has no start_stage)"
             )
 
-    def _run_stage(self, index: int, offset: int, checkpoint: Path | None) -> None:
+    def _run_stage(
+        self,
+        index: int,
+        offset: int,
+        checkpoint: Path | None,
+        wrapped: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+    ) -> None:
         stage = self.stages[index]
         accelerator = self.accelerator
         self._start_stage(stage)
-        optimizer = build_optimizer(self.model, stage, self.settings)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        start_stage_lrs(inner, stage, index)
         scheduler = make_scheduler(
-            optimizer, stage.schedule, stage.warmup_steps, stage.max_steps, self.settings.min_lr_ratio
+            inner, stage.schedule, stage.warmup_steps, stage.max_steps, self.settings.min_lr_ratio
         )
-        wrapped, optimizer = accelerator.prepare(self.model, optimizer)
         source = self.batches(stage, accelerator.process_index, accelerator.num_processes)
         self.state.stage_index, self.state.stage_name, self.state.stage_step = index, stage.name, 0
         if checkpoint is not None:
             trainer_state, rank_state = self.checkpoints.load(
-                checkpoint, self.model, optimizer, scheduler, scaler=accelerator.scaler
+                checkpoint, self.model, optimizer, scheduler, scaler=accelerator.scaler, root=wrapped
             )
             source.load_state_dict(rank_state["sampler"])
             set_rng_state(rank_state["rng"])
             self.state.stage_step = int(trainer_state["stage_step"])
             self.state.metrics = trainer_state.get("metrics", {})
+            self._nonfinite = int(trainer_state.get("nonfinite_streak", 0))
         self.state.global_step = offset + self.state.stage_step
         stream = _endless(source)
         progress = tqdm(
@@ -226,23 +426,84 @@ class Trainer:
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{rate:.1f}")
             done = self.state.stage_step == stage.max_steps
-            if self.logger is not None and (self.state.stage_step % self.settings.log_every == 0 or done):
+            if self.logger is not None and (
+                self.state.stage_step % self.settings.log_every == 0 or done or record["skipped"]
+            ):
                 self.logger.log("train", record)
                 examples, started = 0, time.perf_counter()
+            self._count_nonfinite(record)
             every = self.settings.eval_every
             if done or (every and self.state.stage_step % every == 0):
                 self._evaluate(wrapped)
             every = self.settings.save_every
             if done or (every and self.state.stage_step % every == 0):
-                self._save(index, optimizer, scheduler, source)
+                self._save(index, wrapped, optimizer, scheduler, source, finite=not record["skipped"])
             for callback in self.callbacks:
                 callback(self.state)
         progress.close()
-        accelerator.free_memory()
-        del wrapped, optimizer
-        gc.collect()
+
+    def _count_nonfinite(self, record: dict[str, Any]) -> None:
+        if not record["skipped"]:
+            self._nonfinite = 0
+            return
+        self._nonfinite += 1
+        step = record["step"]
+        if self.accelerator.is_main_process:
+            warnings.warn(
+                f"step {step}: non-finite loss {record['loss']} or gradient norm {record['grad_norm']}; "
+                "the optimizer step was skipped",
+                stacklevel=3,
+            )
+        if self._nonfinite >= self.max_nonfinite_steps:
+            finite = [path for path in list_checkpoints(self.output_dir) if _finite_checkpoint(path)]
+            where = f"; the last checkpoint of a finite step is {finite[-1]}" if finite else ""
+            raise NonFiniteError(
+                f"training stopped at step {step} (stage {record['stage']!r}): {self._nonfinite} optimizer steps in "
+                f"a row (steps {step - self._nonfinite + 1}..{step}) had a non-finite loss or gradient norm; "
+                f"lower the learning rate or check the data{where}"
+            )
 
     # ------------------------------------------------------------------ one step
+    def _targets(self, batch: Batch) -> tuple[int, int]:
+        """(target tokens, rows) of a micro-batch: tokens count only for token labels."""
+        labels = batch.get("labels")
+        if labels is None:
+            raise ValueError("the batch has no labels: the trainer needs them to compute the loss")
+        if not _token_labels(labels):
+            return 0, int(labels.shape[0])
+        shifted = labels if self._encoder_decoder else labels[:, 1:]
+        return int((shifted != IGNORE_INDEX).sum()), int(labels.shape[0])
+
+    def _micro_loss(
+        self, wrapped: torch.nn.Module, batch: Batch, tokens: int, rows: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A micro-batch's share of the step's objective and its weighted auxiliary losses."""
+        labels = batch["labels"]
+        share = labels.shape[0] / rows
+        weight = self.model.method.aux_loss_weight(self.model.mixture_config)
+        if _token_labels(labels):
+            outputs = wrapped(**{key: value for key, value in batch.items() if key != "labels"})
+            logits = outputs["logits"]
+            if not self._encoder_decoder:
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            token_sum = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]),
+                labels.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            loss = token_sum / max(tokens, 1)
+            aux = dict(self.model.last_aux_losses)
+            if aux:
+                loss = loss + weight * sum(aux.values()) * share
+        else:
+            outputs = wrapped(**batch)
+            if outputs.get("loss") is None:
+                raise ValueError("the model returned no loss: batches must carry labels")
+            loss = outputs["loss"] * share
+            aux = dict(self.model.last_aux_losses)
+        return loss, {name: value.detach().float() * share for name, value in aux.items()}
+
     def _step(
         self,
         wrapped: torch.nn.Module,
@@ -253,44 +514,57 @@ class Trainer:
     ) -> tuple[dict[str, Any], int]:
         accelerator = self.accelerator
         accumulation = self.settings.gradient_accumulation_steps
-        losses: list[torch.Tensor] = []
-        aux: dict[str, list[torch.Tensor]] = {}
-        count = 0
-        for micro in range(accumulation):
-            batch = {key: value.to(accelerator.device) for key, value in next(stream).items()}
-            count += int(batch["task_ids"].shape[0]) * accelerator.num_processes
-            synced = micro == accumulation - 1
-            with nullcontext() if synced else accelerator.no_sync(wrapped):
-                outputs = wrapped(**batch)
-                if outputs["loss"] is None:
-                    raise ValueError("the model returned no loss: batches must carry labels")
-                accelerator.backward(outputs["loss"] / accumulation)
-            losses.append(outputs["loss"].detach().float())
-            for name, value in self.model.last_aux_losses.items():
-                aux.setdefault(name, []).append(value.detach().float())
-        if max_grad_norm:
-            params = [param for param in self.model.parameters() if param.requires_grad]
-            accelerator.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        self.model.step_end()
+        micro_batches = [
+            {key: value.to(accelerator.device) for key, value in next(stream).items()} for _ in range(accumulation)
+        ]
+        counts = [self._targets(batch) for batch in micro_batches]
+        local = torch.tensor([sum(c[0] for c in counts), sum(c[1] for c in counts)], device=accelerator.device)
+        tokens, rows = (int(value) for value in accelerator.reduce(local, reduction="sum").tolist())
+        # accelerate divides by the accumulation steps and DDP/FSDP average over processes: undo both, so the
+        # summed gradient is that of the global objective.
+        scale = accumulation * accelerator.num_processes
+        total = torch.zeros((), device=accelerator.device)
+        aux: dict[str, torch.Tensor] = {}
+        for batch in micro_batches:
+            with accelerator.accumulate(wrapped):
+                loss, parts = self._micro_loss(wrapped, batch, tokens, rows)
+                accelerator.backward(loss * scale)
+            total += loss.detach().float()
+            for name, value in parts.items():
+                aux[name] = aux.get(name, 0) + value
+        names = sorted(aux)
+        summed = accelerator.reduce(torch.stack([total, *[aux[name] for name in names]]), reduction="sum").tolist()
+        record: dict[str, Any] = {"loss": summed[0]}
+        record.update({f"aux_{name}": value for name, value in zip(names, summed[1:], strict=True)})
+        for param in self.model.parameters():
+            if not param.requires_grad:
+                param.grad = None
+        params = [param for param in self.model.parameters() if param.requires_grad]
+        norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf)
+        grad_norm = _as_float(norm)
+        finite = math.isfinite(record["loss"]) and (
+            grad_norm is None or accelerator.scaler is not None or math.isfinite(grad_norm)
+        )
+        if finite:
+            optimizer.step()
+            self.model.step_end()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        means = {"loss": torch.stack(losses).mean()}
-        means.update({f"aux_{name}": torch.stack(values).mean() for name, values in aux.items()})
-        names = sorted(means)
-        reduced = accelerator.reduce(torch.stack([means[name] for name in names]), reduction="mean")
-        record = {name: float(value) for name, value in zip(names, reduced.tolist(), strict=True)}
+        record["grad_norm"] = grad_norm
+        record["skipped"] = not finite
         record["lr"] = max(scheduler.get_last_lr())
-        return record, count
+        return record, rows
 
     def _evaluate(self, wrapped: torch.nn.Module) -> None:
         if self.evaluator is None:
             return
-        if self.accelerator.is_main_process:
+        sharded = model_is_sharded(self.model)
+        if sharded or self.accelerator.is_main_process:
             wrapped.eval()
             with torch.no_grad():
                 self.state.metrics = self.evaluator(self.model)
             wrapped.train()
+        if self.logger is not None:
             flat = {
                 f"{task}/{key}": value for task, scores in self.state.metrics.items() for key, value in scores.items()
             }
@@ -300,15 +574,20 @@ class Trainer:
     def _save(
         self,
         index: int,
+        wrapped: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         source: BatchSource,
+        finite: bool = True,
     ) -> None:
         trainer_state = {
             "stage_index": index,
             "stage_step": self.state.stage_step,
             "stages": [stage.name for stage in self.stages],
             "metrics": self.state.metrics,
+            "finite": finite,
+            "nonfinite_streak": self._nonfinite,
+            "fingerprint": self.fingerprint,
         }
         rank_state = {"sampler": source.state_dict(), "rng": get_rng_state()}
         self.checkpoints.save(
@@ -319,7 +598,29 @@ class Trainer:
             trainer_state,
             rank_state,
             scaler=self.accelerator.scaler,
+            root=wrapped,
         )
+
+
+def _token_labels(labels: torch.Tensor) -> bool:
+    """Integer labels with a sequence dimension are token labels; 1-d or float ones (multi-label) are per row."""
+    return labels.dim() >= 2 and not labels.is_floating_point()
+
+
+def _as_float(norm: Any) -> float | None:
+    """A gradient norm as a float (``None`` where the engine clips itself and returns none)."""
+    if norm is None:
+        return None
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _finite_checkpoint(path: Path) -> bool:
+    try:
+        return bool(json.loads((path / STATE_NAME).read_text()).get("finite", True))
+    except (OSError, ValueError):
+        return False
 
 
 def _endless(source: BatchSource) -> Iterator[Batch]:
