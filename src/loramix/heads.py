@@ -1,32 +1,60 @@
-"""A multi-task sequence classifier: one shared encoder, one classification head per task."""
+"""A multi-task sequence classifier: one shared encoder, one classification head per task.
+
+The heads sit where the architecture's own sequence-classification class puts its classifier (for BERT:
+the first token through the encoder's pooler, dropout, a linear layer), so one task of a trained mixture
+becomes a plain ``AutoModelForSequenceClassification`` (:meth:`MultiTaskSequenceClassifier.task_model`).
+"""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+POOLINGS = ("auto", "pooler", "mean")
+
 
 class MultiTaskSequenceClassifier(nn.Module):
-    """An encoder (any transformers ``AutoModel``) with mean pooling and a linear head per task.
+    """An encoder (any transformers ``AutoModel``) with a linear head per task on its pooled output.
 
     Tasks may have different numbers of labels: logits are padded to the largest label set with ``-inf``
     in the columns a task does not have. Wrap it with :func:`loramix.get_mixture_model` and
     ``modules_to_save=["heads"]``; the mixture passes ``task_ids`` through to :meth:`forward`.
 
     Args:
-        encoder: the backbone; its output's ``last_hidden_state`` is pooled.
+        encoder: the backbone (e.g. ``BertModel``).
         labels_per_task: the number of labels of each task, in task-id order.
         dropout: dropout before the heads.
+        pooling: ``"pooler"``: the encoder's ``pooler_output`` (BERT's first token through its pooler),
+            as the architecture's ``...ForSequenceClassification`` reads it, so a task exports as that
+            class; ``"mean"``: the mean of the last hidden states over real tokens (no transformers class
+            pools so, so it exports only as a loramix model); ``"auto"`` (default): ``"pooler"`` when the
+            encoder has a pooler, else ``"mean"``.
+
+    Raises:
+        ValueError: a task has fewer than 2 labels, or the pooling is unknown or needs a pooler the encoder
+            lacks.
     """
 
-    def __init__(self, encoder: nn.Module, labels_per_task: list[int], dropout: float = 0.1) -> None:
+    def __init__(
+        self, encoder: nn.Module, labels_per_task: list[int], dropout: float = 0.1, pooling: str = "auto"
+    ) -> None:
         super().__init__()
         if not labels_per_task or min(labels_per_task) < 2:
             raise ValueError(f"labels_per_task={labels_per_task}: every task needs at least 2 labels")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is invalid: expected one of {POOLINGS}")
+        has_pooler = getattr(encoder, "pooler", None) is not None
+        if pooling == "auto":
+            pooling = "pooler" if has_pooler else "mean"
+        if pooling == "pooler" and not has_pooler:
+            raise ValueError(f"pooling='pooler' needs an encoder with a pooler; {type(encoder).__name__} has none")
         self.encoder = encoder
         self.config = encoder.config
+        self.pooling = pooling
         self.labels_per_task = list(labels_per_task)
         hidden = encoder.config.hidden_size
         self.dropout = nn.Dropout(dropout)
@@ -43,6 +71,14 @@ class MultiTaskSequenceClassifier(nn.Module):
             self.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
         else:
             self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+
+    def pool(self, outputs, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The pooled sequence representation FloatTensor[batch, hidden] of the encoder's outputs."""
+        if self.pooling == "pooler":
+            return outputs.pooler_output
+        hidden = outputs.last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def forward(
         self,
@@ -64,9 +100,8 @@ class MultiTaskSequenceClassifier(nn.Module):
             ``SequenceClassifierOutput`` with logits FloatTensor[batch, max_labels] and, with labels, the
             mean cross-entropy.
         """
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = self.dropout((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+        outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        pooled = self.dropout(self.pool(outputs, attention_mask))
         width = max(self.labels_per_task)
         logits = pooled.new_full((pooled.shape[0], width), float("-inf"))
         for task in task_ids.unique().tolist():
@@ -74,3 +109,55 @@ class MultiTaskSequenceClassifier(nn.Module):
             logits[rows, : self.labels_per_task[task]] = self.heads[task](pooled[rows]).to(logits.dtype)
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def task_model(self, task: int, id2label: dict[int, str] | None = None) -> nn.Module:
+        """One task as the architecture's own ``AutoModelForSequenceClassification`` (a new model).
+
+        The encoder's weights (as they are now: call it on a merged copy to carry a task's adapter) and the
+        task's head are copied into it; its config has the task's ``num_labels`` and ``id2label``.
+
+        Args:
+            task: the task id.
+            id2label: label names by class id (default ``LABEL_0``, ``LABEL_1``, ...).
+
+        Returns:
+            The sequence classifier, in this model's dtype and device and in eval mode.
+
+        Raises:
+            ValueError: the pooling is ``"mean"``, or the architecture's sequence-classification class does
+                not put a linear classifier on this encoder.
+            TypeError: the encoder still holds adapted (mixture) layers.
+        """
+        from transformers import AutoModelForSequenceClassification
+
+        if self.pooling != "pooler":
+            raise ValueError(
+                "this classifier mean-pools its encoder's tokens, which no transformers sequence-classification "
+                "class does; build it with pooling='pooler' to export tasks as AutoModelForSequenceClassification"
+            )
+        count = self.labels_per_task[task]
+        names = dict(id2label) if id2label else {index: f"LABEL_{index}" for index in range(count)}
+        if sorted(names) != list(range(count)):
+            raise ValueError(f"id2label {names} does not name the {count} labels of task {task}")
+        config = copy.deepcopy(self.encoder.config)
+        config.num_labels = count
+        config.id2label = {index: str(names[index]) for index in range(count)}
+        config.label2id = {name: index for index, name in config.id2label.items()}
+        config.classifier_dropout = self.dropout.p
+        config.architectures = None
+        model = AutoModelForSequenceClassification.from_config(config)
+        backbone = getattr(model, model.base_model_prefix, None)
+        classifier = getattr(model, "classifier", None)
+        if type(backbone) is not type(self.encoder) or not isinstance(classifier, nn.Linear):
+            raise ValueError(
+                f"{type(model).__name__} does not read a linear classifier on a {type(self.encoder).__name__}; "
+                "loramix exports per-task heads only to architectures that do (e.g. BERT)"
+            )
+        state = self.encoder.state_dict()
+        if any(".base_layer." in key for key in state):
+            raise TypeError("the encoder still holds mixture layers: call task_model on MixtureModel.merge(task)")
+        reference = next(self.encoder.parameters())
+        model.to(device=reference.device, dtype=reference.dtype)
+        backbone.load_state_dict(state)
+        classifier.load_state_dict(self.heads[task].state_dict())
+        return model.eval()
