@@ -257,7 +257,11 @@ class _Target:
 
 
 # Heads that PEFT's task classes always train and save, so always expect in an adapter of that task type.
-_PEFT_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+_PEFT_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
 
 def _saved_modules(mixture: MixtureModel, target: _Target, task: int) -> tuple[list[str], dict[str, torch.Tensor]]:
@@ -278,9 +282,13 @@ def _saved_modules(mixture: MixtureModel, target: _Target, task: int) -> tuple[l
                     modules[head] = module
     for name, module in modules.items():
         if target.classifier and name == "heads":
-            names.append("classifier")
-            module = module[task]
-            name = "classifier"
+            head = module[task]
+            pooler = f"{target.prefix}.pooler"
+            for part, module_name in ((head.classifier, "classifier"), (head.pooler, pooler)):
+                names.append(module_name.rsplit(".", 1)[-1])
+                for key, value in part.state_dict().items():
+                    tensors[f"base_model.model.{module_name}.{key}"] = value.detach().contiguous().cpu()
+            continue
         else:
             name = target.rename(name)
             names.append(name)

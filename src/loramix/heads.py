@@ -1,8 +1,9 @@
 """A multi-task sequence classifier: one shared encoder, one classification head per task.
 
-The heads sit where the architecture's own sequence-classification class puts its classifier (for BERT:
-the first token through the encoder's pooler, dropout, a linear layer), so one task of a trained mixture
-becomes a plain ``AutoModelForSequenceClassification`` (:meth:`MultiTaskSequenceClassifier.task_model`).
+Each task's head is what the architecture's own sequence-classification class puts on the encoder (for
+BERT: the first token through a pooler, dropout, a linear classifier), with the pooler trained per task, so
+one task of a trained mixture becomes a plain ``AutoModelForSequenceClassification``
+(:meth:`MultiTaskSequenceClassifier.task_model`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,23 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 POOLINGS = ("auto", "pooler", "mean")
 
 
+class TaskHead(nn.Module):
+    """One task's head: a pooler (a copy of the encoder's, or ``None`` for mean pooling) and a classifier.
+
+    Args:
+        pooler: the module mapping the last hidden states to one vector per sequence, or ``None``.
+        hidden: the encoder's hidden size.
+        num_labels: the task's number of labels.
+    """
+
+    def __init__(self, pooler: nn.Module | None, hidden: int, num_labels: int) -> None:
+        super().__init__()
+        self.pooler = pooler
+        self.classifier = nn.Linear(hidden, num_labels)
+
+
 class MultiTaskSequenceClassifier(nn.Module):
-    """An encoder (any transformers ``AutoModel``) with a linear head per task on its pooled output.
+    """An encoder (any transformers ``AutoModel``) with a pooler and a linear classifier per task.
 
     Tasks may have different numbers of labels: logits are padded to the largest label set with ``-inf``
     in the columns a task does not have. Wrap it with :func:`loramix.get_mixture_model` and
@@ -28,11 +44,12 @@ class MultiTaskSequenceClassifier(nn.Module):
         encoder: the backbone (e.g. ``BertModel``).
         labels_per_task: the number of labels of each task, in task-id order.
         dropout: dropout before the heads.
-        pooling: ``"pooler"``: the encoder's ``pooler_output`` (BERT's first token through its pooler),
-            as the architecture's ``...ForSequenceClassification`` reads it, so a task exports as that
-            class; ``"mean"``: the mean of the last hidden states over real tokens (no transformers class
-            pools so, so it exports only as a loramix model); ``"auto"`` (default): ``"pooler"`` when the
-            encoder has a pooler, else ``"mean"``.
+        pooling: ``"pooler"``: each task pools with its own copy of the encoder's pooler (BERT: the first
+            token, a dense layer, tanh), as the architecture's ``...ForSequenceClassification`` does, so a
+            task exports as that class; the encoder's own pooler is removed (``encoder.pooler = None``) and
+            the copies train with the heads. ``"mean"``: the mean of the last hidden states over real tokens
+            (no transformers class pools so, so tasks export only as loramix models). ``"auto"`` (default):
+            ``"pooler"`` when the encoder has a pooler, else ``"mean"``.
 
     Raises:
         ValueError: a task has fewer than 2 labels, or the pooling is unknown or needs a pooler the encoder
@@ -52,13 +69,18 @@ class MultiTaskSequenceClassifier(nn.Module):
             pooling = "pooler" if has_pooler else "mean"
         if pooling == "pooler" and not has_pooler:
             raise ValueError(f"pooling='pooler' needs an encoder with a pooler; {type(encoder).__name__} has none")
+        pooler = encoder.pooler if pooling == "pooler" else None
+        if pooler is not None:
+            encoder.pooler = None
         self.encoder = encoder
         self.config = encoder.config
         self.pooling = pooling
         self.labels_per_task = list(labels_per_task)
         hidden = encoder.config.hidden_size
         self.dropout = nn.Dropout(dropout)
-        self.heads = nn.ModuleList(nn.Linear(hidden, count) for count in labels_per_task)
+        self.heads = nn.ModuleList(
+            TaskHead(copy.deepcopy(pooler) if pooler is not None else None, hidden, count) for count in labels_per_task
+        )
         self.register_buffer(
             "label_mask",
             torch.arange(max(labels_per_task))[None, :] < torch.tensor(labels_per_task)[:, None],
@@ -72,11 +94,11 @@ class MultiTaskSequenceClassifier(nn.Module):
         else:
             self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
 
-    def pool(self, outputs, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The pooled sequence representation FloatTensor[batch, hidden] of the encoder's outputs."""
-        if self.pooling == "pooler":
-            return outputs.pooler_output
-        hidden = outputs.last_hidden_state
+    def pool(self, task: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Task ``task``'s pooled representation FloatTensor[rows, hidden] of last hidden states [rows, seq, hidden]."""
+        pooler = self.heads[task].pooler
+        if pooler is not None:
+            return pooler(hidden)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
@@ -100,13 +122,13 @@ class MultiTaskSequenceClassifier(nn.Module):
             ``SequenceClassifierOutput`` with logits FloatTensor[batch, max_labels] and, with labels, the
             mean cross-entropy.
         """
-        outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        pooled = self.dropout(self.pool(outputs, attention_mask))
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         width = max(self.labels_per_task)
-        logits = pooled.new_full((pooled.shape[0], width), float("-inf"))
+        logits = hidden.new_full((hidden.shape[0], width), float("-inf"))
         for task in task_ids.unique().tolist():
             rows = task_ids == task
-            logits[rows, : self.labels_per_task[task]] = self.heads[task](pooled[rows]).to(logits.dtype)
+            pooled = self.dropout(self.pool(task, hidden[rows], attention_mask[rows]))
+            logits[rows, : self.labels_per_task[task]] = self.heads[task].classifier(pooled).to(logits.dtype)
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
@@ -114,7 +136,8 @@ class MultiTaskSequenceClassifier(nn.Module):
         """One task as the architecture's own ``AutoModelForSequenceClassification`` (a new model).
 
         The encoder's weights (as they are now: call it on a merged copy to carry a task's adapter) and the
-        task's head are copied into it; its config has the task's ``num_labels`` and ``id2label``.
+        task's pooler and classifier are copied into it; its config has the task's ``num_labels`` and
+        ``id2label``.
 
         Args:
             task: the task id.
@@ -148,7 +171,12 @@ class MultiTaskSequenceClassifier(nn.Module):
         model = AutoModelForSequenceClassification.from_config(config)
         backbone = getattr(model, model.base_model_prefix, None)
         classifier = getattr(model, "classifier", None)
-        if type(backbone) is not type(self.encoder) or not isinstance(classifier, nn.Linear):
+        head = self.heads[task]
+        if (
+            type(backbone) is not type(self.encoder)
+            or not isinstance(classifier, nn.Linear)
+            or type(getattr(backbone, "pooler", None)) is not type(head.pooler)
+        ):
             raise ValueError(
                 f"{type(model).__name__} does not read a linear classifier on a {type(self.encoder).__name__}; "
                 "loramix exports per-task heads only to architectures that do (e.g. BERT)"
@@ -158,6 +186,9 @@ class MultiTaskSequenceClassifier(nn.Module):
             raise TypeError("the encoder still holds mixture layers: call task_model on MixtureModel.merge(task)")
         reference = next(self.encoder.parameters())
         model.to(device=reference.device, dtype=reference.dtype)
-        backbone.load_state_dict(state)
-        classifier.load_state_dict(self.heads[task].state_dict())
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+        if unexpected or any(not key.startswith("pooler.") for key in missing):
+            raise ValueError(f"the encoder's weights do not fit {type(backbone).__name__}: {missing + unexpected}")
+        backbone.pooler.load_state_dict(head.pooler.state_dict())
+        classifier.load_state_dict(head.classifier.state_dict())
         return model.eval()

@@ -425,9 +425,9 @@ class MixtureModel(nn.Module):
     def disable_adapter(self) -> Any:
         """Run the base model without the mixture inside a ``with`` block (PEFT's ``disable_adapter``).
 
-        Every adapted layer is swapped for its frozen base layer and put back on exit, so calls inside give
-        exactly the base model's outputs (TRL uses this for the reference model). ``modules_to_save`` are
-        trained in place and stay as they are.
+        Every adapted layer calls only its frozen base layer until the block ends, so calls inside give
+        exactly the base model's outputs (TRL uses this for the reference model); routers are not run.
+        ``modules_to_save`` are trained in place and stay as they are.
 
         Raises:
             RuntimeError: a layer has a task merged into its base weight.
@@ -436,17 +436,13 @@ class MixtureModel(nn.Module):
         merged = sorted(name for name, layer in layers.items() if layer.merged_task is not None)
         if merged:
             raise RuntimeError(f"layers {merged[:3]} have a task merged into their weights; unmerge first")
-        for name, layer in layers.items():
-            parent_name, _, child = name.rpartition(".")
-            setattr(
-                self.base_model.get_submodule(parent_name) if parent_name else self.base_model, child, layer.base_layer
-            )
+        for layer in layers.values():
+            layer.forward = layer.base_layer.__call__  # an instance attribute shadows the method
         try:
             yield
         finally:
-            for name, layer in layers.items():
-                parent_name, _, child = name.rpartition(".")
-                setattr(self.base_model.get_submodule(parent_name) if parent_name else self.base_model, child, layer)
+            for layer in layers.values():
+                del layer.forward
 
 
 def get_mixture_model(model: nn.Module, config: MixtureConfig) -> MixtureModel:
