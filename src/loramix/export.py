@@ -289,9 +289,8 @@ def _saved_modules(mixture: MixtureModel, target: _Target, task: int) -> tuple[l
                 for key, value in part.state_dict().items():
                     tensors[f"base_model.model.{module_name}.{key}"] = value.detach().contiguous().cpu()
             continue
-        else:
-            name = target.rename(name)
-            names.append(name)
+        name = target.rename(name)
+        names.append(name)
         for key, value in module.state_dict().items():
             tensors[f"base_model.model.{name}.{key}"] = value.detach().contiguous().cpu()
     return names, tensors
