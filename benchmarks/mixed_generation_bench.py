@@ -182,6 +182,8 @@ def main() -> None:
         *(f"| {name} | {seconds[name]:.3f} | {ratios[name]:.2f} |" for name in seconds),
         "",
         f"PEFT `adapter_names` tokens equal loramix per_task_lora tokens: {same}.",
+        "`merged_one_task` does exactly the base model's work, so the distance of its ratio from 1.00 is the",
+        "measurement noise of this run (other processes share the machine).",
     ]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
