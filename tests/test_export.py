@@ -332,6 +332,13 @@ def test_exports_refuse_non_empty_directories_and_change_nothing(tmp_path: Path,
         "loramix_export.json",
     ]
     assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]
+    # a method routed on the input has no task to export: one line, exit 2, nothing written
+    routed = get_mixture_model(smollm2_like(), MixtureConfig(method="mixlora", r=2, num_experts=2, num_tasks=3))
+    routed.save_pretrained(tmp_path / "routed")
+    capsys.readouterr()
+    argv = ["export", "--adapter", str(tmp_path / "routed"), "--task", "0", "--out", str(tmp_path / "r")]
+    assert main([*argv, "--base-model", str(tmp_path / "base")]) == 2
+    assert "routes on the input" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
 def test_a_failed_export_leaves_no_directory_and_the_old_one_intact(tmp_path: Path, monkeypatch) -> None:
