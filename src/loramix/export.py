@@ -182,8 +182,14 @@ def staged_directory(
         if directory.exists():
             aside = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".replaced", dir=directory.parent))
             os.replace(directory, aside / "old")
-            os.replace(staging, directory)
-            shutil.rmtree(aside, ignore_errors=True)
+            try:
+                os.replace(staging, directory)
+            except OSError:
+                os.replace(aside / "old", directory)  # put the old directory back
+                raise
+            finally:
+                if not (aside / "old").exists() or directory.exists():
+                    shutil.rmtree(aside, ignore_errors=True)
         else:
             os.replace(staging, directory)
     finally:
