@@ -46,6 +46,7 @@ def _recipe(tmp_path, generation: bool, **overrides) -> dict:
             "name": "tiny-llama" if generation else "tiny-bert",
             "task_type": "generation" if generation else "classification",
             "max_length": 32,
+            **({} if generation else {"pooling": "pooler"}),
         },
         "mixture": {
             "method": "moelora",

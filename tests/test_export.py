@@ -198,7 +198,7 @@ def classifier_mixture(tmp_path: Path) -> MixtureModel:
     """Two tasks of 2 and 3 labels on a tiny BERT whose encoder is saved in ``tmp_path/base``."""
     encoder = build("bert").bert
     encoder.save_pretrained(tmp_path / "base")
-    model = MultiTaskSequenceClassifier(encoder, [2, 3], dropout=0.1)
+    model = MultiTaskSequenceClassifier(encoder, [2, 3], dropout=0.1, pooling="pooler")
     config = MixtureConfig(
         method="moelora",
         r=2,
@@ -248,7 +248,7 @@ def test_classifier_task_loads_as_sequence_classifier_without_loramix(tmp_path: 
 
 
 def test_mean_pooled_classifier_refuses_to_export_and_writes_nothing(tmp_path: Path) -> None:
-    model = MultiTaskSequenceClassifier(build("bert").bert, [2, 2], pooling="mean")
+    model = MultiTaskSequenceClassifier(build("bert").bert, [2, 2])  # mean pooling, the default
     config = MixtureConfig(
         method="moelora", r=2, num_experts=2, num_tasks=2, target_modules=["query"], modules_to_save=["heads"]
     )

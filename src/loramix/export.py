@@ -234,7 +234,8 @@ class _Target:
             if base.pooling != "pooler":
                 raise ValueError(
                     "this classifier mean-pools its encoder's tokens, which no transformers sequence-classification "
-                    "class does: its tasks cannot export; build it with pooling='pooler'"
+                    "class does, so its tasks cannot export; train it with pooling='pooler' (recipes: "
+                    "model.pooling: pooler)"
                 )
             try:
                 self.model_class = AutoModelForSequenceClassification._model_mapping[type(base.config)]

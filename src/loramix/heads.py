@@ -1,9 +1,11 @@
 """A multi-task sequence classifier: one shared encoder, one classification head per task.
 
-Each task's head is what the architecture's own sequence-classification class puts on the encoder (for
-BERT: the first token through a pooler, dropout, a linear classifier), with the pooler trained per task, so
-one task of a trained mixture becomes a plain ``AutoModelForSequenceClassification``
-(:meth:`MultiTaskSequenceClassifier.task_model`).
+With ``pooling="pooler"`` each task's head is what the architecture's own sequence-classification class
+puts on the encoder (for BERT: the first token through a pooler, dropout, a linear classifier), with the
+pooler trained per task, so one task of a trained mixture becomes a plain
+``AutoModelForSequenceClassification`` (:meth:`MultiTaskSequenceClassifier.task_model`). The default,
+``pooling="mean"``, averages the last hidden states (what sentence encoders such as all-MiniLM-L6-v2 were
+trained for); no transformers class pools so, so its tasks run only in loramix.
 """
 
 from __future__ import annotations
@@ -15,26 +17,26 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-POOLINGS = ("auto", "pooler", "mean")
+POOLINGS = ("mean", "pooler")
 
 
 class TaskHead(nn.Module):
-    """One task's head: a pooler (a copy of the encoder's, or ``None`` for mean pooling) and a classifier.
+    """One task's head with ``pooling="pooler"``: a copy of the encoder's pooler and a linear classifier.
 
     Args:
-        pooler: the module mapping the last hidden states to one vector per sequence, or ``None``.
+        pooler: the module mapping the last hidden states to one vector per sequence.
         hidden: the encoder's hidden size.
         num_labels: the task's number of labels.
     """
 
-    def __init__(self, pooler: nn.Module | None, hidden: int, num_labels: int) -> None:
+    def __init__(self, pooler: nn.Module, hidden: int, num_labels: int) -> None:
         super().__init__()
         self.pooler = pooler
         self.classifier = nn.Linear(hidden, num_labels)
 
 
 class MultiTaskSequenceClassifier(nn.Module):
-    """An encoder (any transformers ``AutoModel``) with a pooler and a linear classifier per task.
+    """An encoder (any transformers ``AutoModel``) with a linear classifier (and a pooler) per task.
 
     Tasks may have different numbers of labels: logits are padded to the largest label set with ``-inf``
     in the columns a task does not have. Wrap it with :func:`loramix.get_mixture_model` and
@@ -44,12 +46,12 @@ class MultiTaskSequenceClassifier(nn.Module):
         encoder: the backbone (e.g. ``BertModel``).
         labels_per_task: the number of labels of each task, in task-id order.
         dropout: dropout before the heads.
-        pooling: ``"pooler"``: each task pools with its own copy of the encoder's pooler (BERT: the first
-            token, a dense layer, tanh), as the architecture's ``...ForSequenceClassification`` does, so a
-            task exports as that class; the encoder's own pooler is removed (``encoder.pooler = None``) and
-            the copies train with the heads. ``"mean"``: the mean of the last hidden states over real tokens
-            (no transformers class pools so, so tasks export only as loramix models). ``"auto"`` (default):
-            ``"pooler"`` when the encoder has a pooler, else ``"mean"``.
+        pooling: ``"mean"`` (default): the mean of the last hidden states over real tokens, then the
+            task's linear head (``heads[t]`` is an ``nn.Linear``); tasks export only as loramix models.
+            ``"pooler"``: each task pools with its own copy of the encoder's pooler (BERT: the first token,
+            a dense layer, tanh), as the architecture's ``...ForSequenceClassification`` does, so a task
+            exports as that class (``heads[t]`` is a :class:`TaskHead`); the encoder's own pooler is
+            removed (``encoder.pooler = None``) and the copies train with the heads.
 
     Raises:
         ValueError: a task has fewer than 2 labels, or the pooling is unknown or needs a pooler the encoder
@@ -57,17 +59,14 @@ class MultiTaskSequenceClassifier(nn.Module):
     """
 
     def __init__(
-        self, encoder: nn.Module, labels_per_task: list[int], dropout: float = 0.1, pooling: str = "auto"
+        self, encoder: nn.Module, labels_per_task: list[int], dropout: float = 0.1, pooling: str = "mean"
     ) -> None:
         super().__init__()
         if not labels_per_task or min(labels_per_task) < 2:
             raise ValueError(f"labels_per_task={labels_per_task}: every task needs at least 2 labels")
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r} is invalid: expected one of {POOLINGS}")
-        has_pooler = getattr(encoder, "pooler", None) is not None
-        if pooling == "auto":
-            pooling = "pooler" if has_pooler else "mean"
-        if pooling == "pooler" and not has_pooler:
+        if pooling == "pooler" and getattr(encoder, "pooler", None) is None:
             raise ValueError(f"pooling='pooler' needs an encoder with a pooler; {type(encoder).__name__} has none")
         pooler = encoder.pooler if pooling == "pooler" else None
         if pooler is not None:
@@ -96,9 +95,8 @@ class MultiTaskSequenceClassifier(nn.Module):
 
     def pool(self, task: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Task ``task``'s pooled representation FloatTensor[rows, hidden] of last hidden states [rows, seq, hidden]."""
-        pooler = self.heads[task].pooler
-        if pooler is not None:
-            return pooler(hidden)
+        if self.pooling == "pooler":
+            return self.heads[task].pooler(hidden)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
@@ -128,7 +126,9 @@ class MultiTaskSequenceClassifier(nn.Module):
         for task in task_ids.unique().tolist():
             rows = task_ids == task
             pooled = self.dropout(self.pool(task, hidden[rows], attention_mask[rows]))
-            logits[rows, : self.labels_per_task[task]] = self.heads[task].classifier(pooled).to(logits.dtype)
+            head = self.heads[task]
+            classifier = head.classifier if isinstance(head, TaskHead) else head
+            logits[rows, : self.labels_per_task[task]] = classifier(pooled).to(logits.dtype)
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
@@ -156,7 +156,7 @@ class MultiTaskSequenceClassifier(nn.Module):
         if self.pooling != "pooler":
             raise ValueError(
                 "this classifier mean-pools its encoder's tokens, which no transformers sequence-classification "
-                "class does; build it with pooling='pooler' to export tasks as AutoModelForSequenceClassification"
+                "class does; train it with pooling='pooler' (recipes: model.pooling: pooler) to export its tasks"
             )
         count = self.labels_per_task[task]
         names = dict(id2label) if id2label else {index: f"LABEL_{index}" for index in range(count)}

@@ -73,17 +73,24 @@ def saved_config(directory: Path) -> dict[str, Any]:
     raise RecipeError(f"{directory} holds no loramix mixture config (a PEFT adapter is not a loramix mixture)")
 
 
-def head_label_counts(directory: Path) -> list[int] | None:
-    """The label count of each task head saved in an adapter (``heads.<t>.classifier.weight``), or ``None`` if none."""
+def head_label_counts(directory: Path) -> tuple[list[int], str] | None:
+    """The label count of each task head saved in an adapter and the classifier's pooling, or ``None``.
+
+    Heads saved as ``heads.<t>.weight`` are mean-pooled; ``heads.<t>.classifier.weight`` carry a pooler.
+    """
     counts: dict[int, int] = {}
+    pooling = "mean"
     with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as handle:
         for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
             parts = key.split(".")
-            if parts[0] == "heads" and parts[1].isdigit() and parts[2:] == ["classifier", "weight"]:
+            if len(parts) < 3 or parts[0] != "heads" or not parts[1].isdigit() or parts[-1] != "weight":
+                continue
+            if parts[2:] == ["weight"] or parts[2:] == ["classifier", "weight"]:
                 counts[int(parts[1])] = handle.get_slice(key).get_shape()[0]
+                pooling = "pooler" if parts[2] == "classifier" else pooling
     if not counts:
         return None
-    return [counts[index] for index in sorted(counts)]
+    return [counts[index] for index in sorted(counts)], pooling
 
 
 def _recipe_labels(recipe: Recipe, task_names: list[str]) -> dict[str, list[str]]:
@@ -101,11 +108,11 @@ def _recipe_labels(recipe: Recipe, task_names: list[str]) -> dict[str, list[str]
     return found
 
 
-def _load_plain(path: str, classifier_counts: list[int] | None) -> Any:
+def _load_plain(path: str, heads: tuple[list[int], str] | None) -> Any:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    if classifier_counts is not None:
-        return MultiTaskSequenceClassifier(AutoModel.from_pretrained(path), classifier_counts)
+    if heads is not None:
+        return MultiTaskSequenceClassifier(AutoModel.from_pretrained(path), heads[0], pooling=heads[1])
     config = AutoConfig.from_pretrained(path)
     import transformers
 
@@ -141,7 +148,8 @@ def load_adapter(adapter: str | Path, base_model: str | None = None) -> LoadedAd
     """
     directory = resolve_pretrained_dir(adapter)
     config = saved_config(directory)
-    counts = head_label_counts(directory) if "heads" in (config.get("modules_to_save") or []) else None
+    heads = head_label_counts(directory) if "heads" in (config.get("modules_to_save") or []) else None
+    counts = heads[0] if heads else None
     task_names = list(config.get("task_names") or [])
     labels: dict[str, list[str]] = {}
     recipe_path = directory / RECIPE_NAME
@@ -159,7 +167,7 @@ def load_adapter(adapter: str | Path, base_model: str | None = None) -> LoadedAd
         if base_path.startswith("tiny-"):
             raise RecipeError(f"{directory} was trained on a random {base_path} built by its recipe, which is missing")
         base_dir = str(resolve_pretrained_dir(base_path))
-        base = _load_plain(base_dir, counts)
+        base = _load_plain(base_dir, heads)
         tokenizer = _load_tokenizer(directory, base_dir)
     if counts is not None:
         labels = {name: names for name, names in labels.items() if name in task_names}

@@ -53,6 +53,9 @@ class ModelSpec:
         task_type: ``classification`` (encoder + a head per task) or ``generation`` (causal LM).
         max_length: longest input in tokens.
         classifier_dropout: dropout before the classification heads.
+        pooling: how a classifier pools the encoder's outputs: ``mean`` (default; the mean over tokens) or
+            ``pooler`` (the architecture's own pooler, one copy per task: BERT's first token, dense, tanh),
+            which lets ``loramix export|merge`` write a task as ``AutoModelForSequenceClassification``.
         init_seed: seed of the randomly initialised parts (tiny models, heads, adapters).
     """
 
@@ -60,6 +63,7 @@ class ModelSpec:
     task_type: str = "classification"
     max_length: int = 128
     classifier_dropout: float = 0.1
+    pooling: str = "mean"
     init_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -69,6 +73,8 @@ class ModelSpec:
             raise RecipeError(f"model.task_type={self.task_type!r} is invalid: expected one of {TASK_TYPES}")
         if not isinstance(self.max_length, int) or self.max_length < 8:
             raise RecipeError(f"model.max_length={self.max_length!r} is invalid: expected an integer >= 8")
+        if self.pooling not in ("mean", "pooler"):
+            raise RecipeError(f"model.pooling={self.pooling!r} is invalid: expected 'mean' or 'pooler'")
 
 
 @dataclass
