@@ -417,7 +417,8 @@ def task_classifier(mixture: MixtureModel, task: int, id2label: dict[int, str] |
             got = model(**inputs).logits
     finally:
         mixture.train(was_training)
-    if not torch.allclose(got.float(), expected.float(), rtol=1e-3, atol=1e-4):
+    tolerance = 1e-4 if got.dtype == torch.float32 else 5e-2  # half precision rounds differently per order
+    if not torch.allclose(got.float(), expected.float(), rtol=1e-3, atol=tolerance):
         raise ValueError(
             f"{type(model).__name__} does not pool as the mixture's classifier (logits differ by "
             f"{(got - expected).abs().max().item():.3g}); this architecture's tasks cannot export"
