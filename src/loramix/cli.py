@@ -45,25 +45,42 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _merge(args: argparse.Namespace) -> int:
-    from loramix.train import load_run
-    from loramix.train.export import save_merged
+def _export_or_merge(args: argparse.Namespace, merged: bool) -> int:
+    from loramix.export import check_output_dir
+    from loramix.train.export import export_adapter, load_adapter
 
-    run = load_run(args.adapter)
-    save_merged(run, args.task, args.out)
-    print(f"merged model for task {args.task!r}: {args.out}")
+    try:  # refuse the output before loading anything
+        check_output_dir(args.out, args.overwrite, protect=[args.adapter] if Path(args.adapter).is_dir() else [])
+        loaded = load_adapter(args.adapter, base_model=args.base_model)
+        task = None if args.all_tasks else args.task
+        result = export_adapter(
+            loaded,
+            args.out,
+            task=task,
+            merged=merged,
+            minimal_rank=getattr(args, "minimal_rank", False),
+            overwrite=args.overwrite,
+        )
+    except (FileExistsError, TypeError, ValueError) as error:
+        print(f"loramix {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    what = "merged model" if merged else "PEFT LoRA adapter"
+    if task is None:
+        print(f"{what}s of {len(result['tasks'])} tasks: {args.out} (manifest loramix_exports.json)")
+    else:
+        print(f"{what} for task {args.task!r}: {args.out}")
+    rank = result.get("vllm_max_lora_rank") or result.get("vllm", {}).get("max_lora_rank")
+    if not merged and rank:
+        print(f"vLLM: --enable-lora --max-lora-rank {rank}")
     return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    return _export_or_merge(args, merged=True)
 
 
 def _export(args: argparse.Namespace) -> int:
-    from loramix.train import load_run
-    from loramix.train.export import resolve_task
-
-    run = load_run(args.adapter)
-    run.model.export(args.out, task=resolve_task(run, args.task))
-    run.tokenizer.save_pretrained(args.out)
-    print(f"PEFT LoRA adapter for task {args.task!r}: {args.out}")
-    return 0
+    return _export_or_merge(args, merged=False)
 
 
 def _add_domain(args: argparse.Namespace) -> int:
@@ -120,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="loramix", description="Multi-task fine-tuning of transformers with mixtures of LoRA experts."
     )
+    from loramix import __version__
+
+    parser.add_argument("--version", action="version", version=f"loramix {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train the run a YAML recipe describes")
@@ -153,9 +173,23 @@ def build_parser() -> argparse.ArgumentParser:
         ("export", _export, "write one task's adapter as a standard PEFT LoRA adapter"),
     ):
         sub = commands.add_parser(name, help=text)
-        sub.add_argument("--adapter", required=True, help="an adapter directory written by loramix train")
-        sub.add_argument("--task", required=True, help="the task's name (or id)")
-        sub.add_argument("--out", required=True, help="the output directory")
+        sub.add_argument("--adapter", required=True, help="a saved mixture (loramix train or save_pretrained)")
+        sub.add_argument(
+            "--base-model", help="the base model's directory or hub id (default: the run's recipe or the config's)"
+        )
+        which = sub.add_mutually_exclusive_group(required=True)
+        which.add_argument("--task", help="the task's name (or id)")
+        which.add_argument(
+            "--all-tasks", action="store_true", help="every task, one subdirectory each, with a manifest"
+        )
+        sub.add_argument("--out", required=True, help="the output directory (must be empty or absent)")
+        sub.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+        if name == "export":
+            sub.add_argument(
+                "--minimal-rank",
+                action="store_true",
+                help="each layer at its own rank via rank_pattern (PEFT only; servers need one rank)",
+            )
         sub.set_defaults(handler=handler)
 
     demo = commands.add_parser("demo", help="train MoRE and a shared LoRA on a small MoRE benchmark and compare")

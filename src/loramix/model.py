@@ -599,7 +599,7 @@ class MixtureModel(nn.Module):
         Args:
             model: the same base model the adapter was trained on.
             adapter_directory: a folder written by :meth:`save_pretrained` (``loramix_config.json``, or the
-                ``adapter_config.json`` of earlier versions).
+                ``adapter_config.json`` of earlier versions), or a hub repository id.
             is_trainable: keep the adapter trainable (otherwise frozen and in eval mode).
 
         Raises:
@@ -611,7 +611,9 @@ class MixtureModel(nn.Module):
         """
         if not isinstance(is_trainable, bool):
             raise TypeError(f"is_trainable must be True or False; got {is_trainable!r}")
-        directory = Path(adapter_directory)
+        from loramix.hub import resolve_pretrained_dir
+
+        directory = resolve_pretrained_dir(adapter_directory)
         config_path = mixture_config_file(directory)
         data = read_json_file(config_path)
         if isinstance(data, dict):
@@ -695,50 +697,69 @@ class MixtureModel(nn.Module):
             setattr(parent, child, layer.base_layer)
         return model
 
-    def export(self, save_directory: str | Path, task: int | str) -> None:
-        """Write task ``task`` as a standard PEFT LoRA adapter (loadable by ``peft.PeftModel.from_pretrained``).
+    def export(
+        self,
+        save_directory: str | Path,
+        task: int | str,
+        minimal_rank: bool = False,
+        overwrite: bool = False,
+        base_model_name_or_path: str | None = None,
+    ) -> dict[str, Any]:
+        """Write task ``task`` as a standard PEFT LoRA adapter that PEFT, transformers, vLLM and LoRAX load.
 
-        Each layer's rank is the number of components the task uses there (``rank_pattern``), and the
-        scale is folded into ``lora_B`` (``lora_alpha == r``, so PEFT's scaling is 1).
+        Every layer has one rank (zero-padded; exact), the scale is folded into ``lora_B``
+        (``lora_alpha == r``), ``task_type`` comes from the base model and target modules have their short
+        names; ``loramix_export.json`` records the task and the ``--max-lora-rank`` vLLM needs. A task of a
+        :class:`~loramix.heads.MultiTaskSequenceClassifier` loads onto the architecture's
+        ``AutoModelForSequenceClassification`` with the task's head as its classifier. See
+        :func:`loramix.export.export_task`.
+
+        Args:
+            save_directory: the output directory (must be empty or absent unless ``overwrite``).
+            task: the task's id or name.
+            minimal_rank: each layer at its own rank through ``rank_pattern`` (PEFT only).
+            overwrite: replace a non-empty ``save_directory``.
+            base_model_name_or_path: recorded in ``adapter_config.json`` (default: the mixture config's).
+
+        Returns:
+            The export record.
+
+        Raises:
+            TypeError: the method routes on the input. FileExistsError: the directory is not empty.
         """
-        from peft import LoraConfig
+        from loramix.export import export_task
 
-        self._require_mergeable()
-        task_id = self.mixture_config.task_index(task)
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors: dict[str, torch.Tensor] = {}
-        ranks: dict[str, int] = {}
-        fan_in_fan_out = False
-        with torch.no_grad():
-            for name, layer in self.mixture_layers().items():
-                factor_a, factor_b = layer.task_factors(task_id)
-                if factor_a.shape[0] == 0:
-                    continue
-                ranks[name] = factor_a.shape[0]
-                fan_in_fan_out = fan_in_fan_out or layer.fan_in_fan_out
-                tensors[f"base_model.model.{name}.lora_A.weight"] = factor_a.contiguous().cpu()
-                tensors[f"base_model.model.{name}.lora_B.weight"] = factor_b.contiguous().cpu()
-            for name, module in self._modules_to_save().items():
-                for key, value in module.state_dict().items():
-                    tensors[f"base_model.model.{name}.{key}"] = value.detach().contiguous().cpu()
-        if not ranks:
-            raise ValueError(f"task {task!r} uses no adapter component in any layer; nothing to export")
-        top_rank = max(ranks.values())
-        peft_config = LoraConfig(
-            r=top_rank,
-            lora_alpha=top_rank,
-            target_modules=sorted(ranks),
-            rank_pattern={f"^{re.escape(name)}": rank for name, rank in ranks.items()},
-            alpha_pattern={f"^{re.escape(name)}": rank for name, rank in ranks.items()},
-            lora_dropout=0.0,
-            bias="none",
-            fan_in_fan_out=fan_in_fan_out,
-            modules_to_save=list(self.mixture_config.modules_to_save or []) or None,
-            base_model_name_or_path=self.mixture_config.base_model_name_or_path,
+        return export_task(
+            self,
+            save_directory,
+            task,
+            minimal_rank=minimal_rank,
+            overwrite=overwrite,
+            base_model_name_or_path=base_model_name_or_path,
         )
-        peft_config.save_pretrained(str(directory))
-        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Any:
+        """Run the base model without the mixture inside a ``with`` block (PEFT's ``disable_adapter``).
+
+        Every adapted layer calls only its frozen base layer until the block ends, so calls inside give
+        exactly the base model's outputs (TRL uses this for the reference model); routers are not run.
+        ``modules_to_save`` are trained in place and stay as they are.
+
+        Raises:
+            RuntimeError: a layer has a task merged into its base weight.
+        """
+        layers = self.mixture_layers()
+        merged = sorted(name for name, layer in layers.items() if layer.merged_task is not None)
+        if merged:
+            raise RuntimeError(f"layers {merged[:3]} have a task merged into their weights; unmerge first")
+        for layer in layers.values():
+            layer.forward = layer.base_layer.__call__  # an instance attribute shadows the method
+        try:
+            yield
+        finally:
+            for layer in layers.values():
+                del layer.forward
 
 
 def get_mixture_model(model: nn.Module, config: MixtureConfig) -> MixtureModel:

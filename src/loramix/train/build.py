@@ -119,7 +119,7 @@ def load_base_model(spec: ModelSpec, tokenizer: Any, labels_per_task: list[int] 
         return model
     if not labels_per_task:
         raise RecipeError("model.task_type is classification but the data has no classification task")
-    return MultiTaskSequenceClassifier(model, labels_per_task, dropout=spec.classifier_dropout)
+    return MultiTaskSequenceClassifier(model, labels_per_task, dropout=spec.classifier_dropout, pooling=spec.pooling)
 
 
 def _load_source(source: SourceSpec, index: int) -> list[TaskData]:

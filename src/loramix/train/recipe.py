@@ -65,6 +65,9 @@ class ModelSpec:
         task_type: ``classification`` (encoder + a head per task) or ``generation`` (causal LM).
         max_length: longest input in tokens.
         classifier_dropout: dropout before the classification heads.
+        pooling: how a classifier pools the encoder's outputs: ``mean`` (default; the mean over tokens) or
+            ``pooler`` (the architecture's own pooler, one copy per task: BERT's first token, dense, tanh),
+            which lets ``loramix export|merge`` write a task as ``AutoModelForSequenceClassification``.
         init_seed: seed of the randomly initialised parts (tiny models, heads, adapters).
     """
 
@@ -72,6 +75,7 @@ class ModelSpec:
     task_type: str = "classification"
     max_length: int = 128
     classifier_dropout: float = 0.1
+    pooling: str = "mean"
     init_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -85,6 +89,8 @@ class ModelSpec:
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise RecipeError(f"model.classifier_dropout={dropout!r} is invalid: expected a number in [0, 1)")
         _positive_int("model", "init_seed", self.init_seed, minimum=0)
+        if self.pooling not in ("mean", "pooler"):
+            raise RecipeError(f"model.pooling={self.pooling!r} is invalid: expected 'mean' or 'pooler'")
 
 
 @dataclass
