@@ -751,9 +751,7 @@ CLI_CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
 
 # Cases that still change files, owned by other parts of the work on issue 8 (strict: they fail once fixed,
 # and then the mark goes).
-CLI_KNOWN_FAILURES = {
-    "merge_input_routed_method": "save_merged creates --out before it finds the method cannot merge",
-}
+CLI_KNOWN_FAILURES = {}
 
 
 @pytest.mark.parametrize(

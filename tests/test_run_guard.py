@@ -37,7 +37,7 @@ def _recipe(root: Path, **changes) -> dict:
     recipe = {
         "name": "guard",
         "output_dir": str(root / "run"),
-        "model": {"name": "tiny-bert", "task_type": "classification", "max_length": 32},
+        "model": {"name": "tiny-bert", "task_type": "classification", "max_length": 32, "pooling": "pooler"},
         "mixture": {"method": "moelora", "r": 2, "num_experts": 2, "lora_alpha": 16, "target_modules": ["query"]},
         "data": {"tasks": [{"jsonl": str(root / "data.jsonl"), "labels": ["no", "yes"]}], "validation": 4, "test": 4},
         "training": {

@@ -9,7 +9,6 @@ classifier's label counts come from its saved heads.
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,11 +60,11 @@ def saved_config(directory: Path) -> dict[str, Any]:
     Raises:
         RecipeError: the directory holds no loramix mixture.
     """
-    names = [config_module.CONFIG_NAME, getattr(config_module, "LEGACY_CONFIG_NAME", None)]
-    for name in dict.fromkeys(name for name in names if name):
+    names = [config_module.CONFIG_NAME, config_module.LEGACY_CONFIG_NAME]
+    for name in dict.fromkeys(names):
         path = directory / name
         if path.is_file():
-            data = json.loads(path.read_text())
+            data = config_module.read_json_file(path)
             if isinstance(data, dict) and data.get("peft_type") == config_module.PEFT_TYPE:
                 return data
     if not (directory / WEIGHTS_NAME).is_file():
