@@ -223,7 +223,7 @@ def _check_size(model: nn.Module, targets: list[str], config: MixtureConfig) -> 
         d_in, d_out = layer_dims(model.get_submodule(name))
         if (d_in, d_out) not in router_sizes:
             with torch.device("meta"):
-                router = method.make_router(config, d_in, d_out)
+                router = method.make_mixer(config, d_in, d_out)
             router_sizes[d_in, d_out] = sum(t.numel() for t in (*router.parameters(), *router.buffers()))
         total += k_a * d_in + d_out * k_b + router_sizes[d_in, d_out]
     base = sum(p.numel() for p in model.parameters())
@@ -664,7 +664,7 @@ class MixtureModel(nn.Module):
     # ------------------------------------------------------------------ merge / export
     def _require_mergeable(self) -> None:
         for name, layer in self.mixture_layers().items():
-            if not layer.router.task_only:
+            if not layer.mergeable:
                 raise TypeError(
                     f"method {self.mixture_config.method!r} routes on the input (layer {name}), so a task has no "
                     "fixed weights to merge or export"

@@ -1,4 +1,10 @@
-"""What a method is: a preset of banks, router and losses over the shared mixture layer."""
+"""What a method is: a preset of banks, mixer and losses over the shared mixture layer.
+
+The layer computes ``h = W0 x + s · B · mix(A · dropout(x))`` for every method. A method says how large
+the banks A (K_A × d_in) and B (d_out × K_B) are (:meth:`Method.bank_sizes`, and whether they are
+block-diagonal, :meth:`Method.bank_blocks`), the scale s, and builds the layer's mixer
+(:meth:`Method.make_mixer`), which owns everything else: routing, auxiliary losses, and how a task merges.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from loramix.routers import Router
+from loramix.mixers import Mixer, shared_pairing
 
 if TYPE_CHECKING:
     from loramix.config import MixtureConfig
@@ -70,9 +76,14 @@ class Method:
         return size, size
 
     @classmethod
-    def a_index(cls, config: MixtureConfig) -> torch.Tensor | None:
-        """LongTensor[K_B] mapping each B column to the A row it pairs with, or ``None`` for identity."""
-        return None
+    def bank_blocks(cls, config: MixtureConfig) -> int:
+        """n, the number of diagonal blocks of the banks (1: dense banks).
+
+        With n > 1 (MELoRA) the input and output are split into n equal slices; A's rows ``i·K_A/n ..`` read
+        only input slice i and B's columns ``i·K_B/n ..`` write only output slice i. The layer stores just the
+        blocks: A as [K_A, d_in / n], B as [d_out / n, K_B].
+        """
+        return 1
 
     @classmethod
     def scale(cls, config: MixtureConfig) -> float:
@@ -80,8 +91,8 @@ class Method:
         return config.scale
 
     @classmethod
-    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
-        """The router of one adapted layer."""
+    def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
+        """The mixer of one adapted layer of shape ``d_out × d_in``."""
         raise NotImplementedError
 
     @classmethod
@@ -112,8 +123,9 @@ class SharedDownProjection(Method):
         return config.r, config.r * config.num_experts
 
     @classmethod
-    def a_index(cls, config: MixtureConfig) -> torch.Tensor:
-        return torch.arange(config.r).repeat(config.num_experts)
+    def pairing(cls, config: MixtureConfig) -> torch.Tensor:
+        """The A row (of r) each of the E·r B columns pairs with, LongTensor[E * r]."""
+        return shared_pairing(config.r, config.num_experts)
 
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -13,8 +13,8 @@ truncated to rank d by SVD, ``[W_1; …; W_N] ≈ U Σ V₀ᵀ``; then ``S_A = �
 matrix (β = ``method_options["balance_factor"]``, default 1). The router's load-balancing loss goes to
 ``aux_losses["balance"]`` with weight ``aux_loss_weight`` (default 0.001; 0.01 in the paper's appendix).
 
-In bank form: the A bank is S_A (d rows), the router's :meth:`transform` applies the stacked P_t
-(N·r̄ × d), and the B bank holds the B_t side by side. Token-level, so not mergeable.
+In bank form: the A bank is S_A (d rows), the mixer applies the stacked P_t (N·r̄ × d) to ``S_A x`` and
+gates the result per token, and the B bank holds the B_t side by side. Token-level, so not mergeable.
 """
 
 from __future__ import annotations
@@ -27,28 +27,28 @@ from torch import nn
 from loramix.config import MixtureConfig, check_option, is_count, is_number
 from loramix.context import RoutingContext
 from loramix.methods.base import Method, register_method
-from loramix.routers import Router, TokenSoftmaxRouter
+from loramix.mixers import Mixer
+from loramix.routers import TokenSoftmaxRouter
 
 OPTIONS = ("subspace_rank", "balance_factor")
 
 
-class SubspaceRouter(TokenSoftmaxRouter):
-    """MALoRA's top-k token router, plus the per-expert projections P_t from the shared subspace."""
+class SubspaceMixer(TokenSoftmaxRouter):
+    """MALoRA's mixer: the per-expert projections P_t from the shared subspace, gated by a top-k token router."""
 
     def __init__(
         self, in_features: int, num_experts: int, wide_rank: int, subspace_rank: int, top_k: int, beta: float
     ) -> None:
         super().__init__(in_features, num_experts, wide_rank, top_k=top_k, balance=True)
+        self.bank_a = subspace_rank
         self.beta = beta
         self.expert_proj = nn.Parameter(torch.zeros(num_experts * wide_rank, subspace_rank))
 
-    def transform(
-        self, hidden: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, context: RoutingContext
-    ) -> torch.Tensor:
-        return hidden @ self.expert_proj.T.to(hidden.dtype)
+    def mix(self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor) -> torch.Tensor:
+        return (hidden @ self.expert_proj.T.to(hidden.dtype)) * self.route(x, context)
 
     @torch.no_grad()
-    def reset_banks(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    def init_banks(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         subspace_rank, in_features = lora_A.shape
         stacked = torch.empty(self.expert_proj.shape[0], in_features, dtype=torch.float32)
         nn.init.kaiming_uniform_(stacked, a=math.sqrt(5))
@@ -98,8 +98,8 @@ class MALoRA(Method):
         return config.lora_alpha / _sizes(config)[1]
 
     @classmethod
-    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
+    def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
         subspace, wide = _sizes(config)
         top_k = 2 if config.top_k is None else config.top_k
         beta = float(config.method_options.get("balance_factor", 1.0))
-        return SubspaceRouter(in_features, config.num_experts, wide, subspace, top_k, beta)
+        return SubspaceMixer(in_features, config.num_experts, wide, subspace, top_k, beta)

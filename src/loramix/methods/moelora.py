@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from loramix.config import MixtureConfig
 from loramix.methods.base import Method, register_method
-from loramix.routers import Router, TaskSoftmaxRouter
+from loramix.mixers import Mixer
+from loramix.routers import TaskSoftmaxRouter
 
 
 @register_method
@@ -21,5 +22,5 @@ class MOELoRA(Method):
     name = "moelora"
 
     @classmethod
-    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
+    def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
         return TaskSoftmaxRouter(config.num_tasks, config.num_experts, config.r, config.task_embedding_dim)

@@ -53,10 +53,10 @@ from torch import nn
 
 from loramix.config import ConfigError, MixtureConfig, is_number
 from loramix.context import RoutingContext
+from loramix.gating import POOLINGS, pool_sequences, straight_through
 from loramix.methods.base import Method, register_method
-from loramix.routers import Router
+from loramix.mixers import Mixer, Router
 
-POOLINGS = ("first", "mean")
 _BOOL_OPTIONS = ("linear_scaling", "task_embedding", "contrastive", "straight_through")
 
 
@@ -122,28 +122,6 @@ class MoREOptions:
         )
 
 
-def pool_sequences(x: torch.Tensor, pooling: str, mask: torch.Tensor | None) -> torch.Tensor:
-    """One vector per sequence from a layer input.
-
-    Args:
-        x: FloatTensor[batch, seq, d_in] (or [batch, d_in], returned as is).
-        pooling: ``"first"`` (the first token) or ``"mean"`` (mean over the tokens where ``mask`` is 1).
-        mask: LongTensor[batch, seq] or ``None`` (every token counts).
-
-    Returns:
-        FloatTensor[batch, d_in].
-    """
-    if x.dim() == 2:
-        return x
-    x = x.reshape(x.shape[0], -1, x.shape[-1])
-    if pooling == "first":
-        return x[:, 0]
-    if mask is None:
-        return x.mean(dim=1)
-    weights = mask.to(x.dtype).unsqueeze(-1)
-    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-
-
 class RankSelectorRouter(Router):
     """MoRE's adaptive rank selector over nested rank prefixes of one rank-R LoRA.
 
@@ -191,7 +169,7 @@ class RankSelectorRouter(Router):
         if self.options.straight_through:
             choice = probs.argmax(dim=-1)
             chosen = probs.gather(-1, choice[:, None])
-            gates = self.prefix_masks[choice] * (chosen - chosen.detach() + 1.0)
+            gates = self.prefix_masks[choice] * straight_through(chosen)
         else:
             gates = probs @ self.prefix_masks
         return gates * self.component_scaling
@@ -208,11 +186,11 @@ class RankSelectorRouter(Router):
             Scalar ``CE(cos(pool(x), E) / τ, tasks)``.
         """
         mask = context.mask_for(x.shape[0], x.shape[1]) if x.dim() == 3 else None
-        pooled = pool_sequences(x, self.options.contrastive_pooling, mask).to(self.task_embedding.dtype)
+        pooled = pool_sequences(x, mask, self.options.contrastive_pooling).to(self.task_embedding.dtype)
         cosine = F.normalize(pooled, dim=-1) @ F.normalize(self.task_embedding, dim=-1).T
         return F.cross_entropy(cosine / self.options.temperature, tasks)
 
-    def forward(self, x: torch.Tensor, context: RoutingContext, layer_name: str) -> torch.Tensor:
+    def route(self, x: torch.Tensor, context: RoutingContext) -> torch.Tensor:
         """Gate FloatTensor[batch, R] for x of shape [batch, ..., d_in]; each row uses its own task's gate."""
         tasks = context.task_ids_for(x.shape[0])
         if self.training and self.options.contrastive:
@@ -245,5 +223,5 @@ class MoRE(Method):
         MoREOptions.from_config(config)
 
     @classmethod
-    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
+    def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
         return RankSelectorRouter(config.num_tasks, in_features, config.r, MoREOptions.from_config(config))

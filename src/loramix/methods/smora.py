@@ -21,8 +21,9 @@ from torch import nn
 
 from loramix.config import ConfigError, MixtureConfig, check_option, is_number
 from loramix.context import RoutingContext
+from loramix.gating import token_mask
 from loramix.methods.base import Method, register_method
-from loramix.routers import Router, token_mask
+from loramix.mixers import Mixer, Router
 
 DEFAULT_TOP_K = 8
 
@@ -30,7 +31,7 @@ DEFAULT_TOP_K = 8
 class RankRouter(Router):
     """SMoRA's per-token top-k over rank-1 components with a balance bias."""
 
-    task_only = False
+    mergeable = False
     needs_task_ids = False
 
     def __init__(self, in_features: int, rank: int, top_k: int, update_rate: float) -> None:
@@ -41,7 +42,7 @@ class RankRouter(Router):
         self.register_buffer("balance_bias", torch.zeros(rank))
         self.register_buffer("counts", torch.zeros(rank), persistent=False)
 
-    def forward(self, x: torch.Tensor, context: RoutingContext, layer_name: str) -> torch.Tensor:
+    def route(self, x: torch.Tensor, context: RoutingContext) -> torch.Tensor:
         scores = torch.sigmoid(self.proj(x.to(self.proj.weight.dtype)).float()) + self.balance_bias
         top_values, top_index = scores.topk(self.top_k, dim=-1)
         weights = self.top_k * top_values / top_values.sum(-1, keepdim=True)
@@ -50,7 +51,7 @@ class RankRouter(Router):
             chosen = torch.zeros_like(scores).scatter(-1, top_index, 1.0)
             mask = token_mask(x, context)
             if mask is not None:
-                chosen = chosen[mask]
+                chosen = chosen * mask.unsqueeze(-1).to(chosen.dtype)
             self.counts += chosen.reshape(-1, self.num_components).sum(0).detach()
         return gate.to(x.dtype)
 
@@ -91,6 +92,6 @@ class SMoRA(Method):
         return config.lora_alpha / cls.top_k(config)
 
     @classmethod
-    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
+    def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
         rate = float(config.method_options.get("bias_update_rate", 1e-5))
         return RankRouter(in_features, config.r, cls.top_k(config), rate)
