@@ -354,12 +354,16 @@ def task_id_tensor(config: MixtureConfig, task_ids: Any, batch_size: int | None)
         )
     if ids.dim() != 1:
         raise ValueError(f"task_ids must be one id per sequence, shape [batch]; got shape {tuple(ids.shape)}")
-    outside = [int(task) for task in ids.tolist() if not 0 <= task < num_tasks]
-    if outside:
-        raise ValueError(
-            f"task_ids {ids.tolist()} out of range: task {outside[0]} is not one of this mixture's "
-            f"{num_tasks} tasks ({known})"
-        )
+    if torch.compiler.is_compiling():
+        # No host sync inside a compiled graph (torch.compile): the range check runs on the device instead.
+        torch._assert_async(((ids >= 0) & (ids < num_tasks)).all(), f"task_ids out of range ({known})")
+    else:
+        outside = [int(task) for task in ids.tolist() if not 0 <= task < num_tasks]
+        if outside:
+            raise ValueError(
+                f"task_ids {ids.tolist()} out of range: task {outside[0]} is not one of this mixture's "
+                f"{num_tasks} tasks ({known})"
+            )
     if batch_size is not None and ids.shape[0] != batch_size:
         raise ValueError(f"task_ids has {ids.shape[0]} entries for a batch of {batch_size} sequences")
     return ids
