@@ -9,14 +9,16 @@ load are exact; each row of a mixed-task batch is routed as if alone; bf16 runs 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
+import typing
 
 import pytest
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from loramix import MixtureConfig, MixtureModel, get_mixture_model
+from loramix import ConfigError, MixtureConfig, MixtureModel, get_mixture_model
 from loramix.context import ContextHolder, RoutingContext
 from loramix.layer import MixtureLinear
 from loramix.methods import available_methods, get_method
@@ -193,3 +195,20 @@ def test_bf16_on_the_cpu_follows_float32(case: str) -> None:
     grads = {name: param.grad for name, param in mixture.named_parameters() if param.requires_grad}
     assert all(grads[name] is not None for name in grads if "lora_" in name)  # (MoA's router learns from labels)
     assert all(torch.isfinite(grad).all() for grad in grads.values() if grad is not None)
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_options_are_typed_and_unknown_keys_are_named(method: str) -> None:
+    settings = METHOD_SETTINGS[method]
+    options_class = get_method(method).Options
+    parsed = get_method(method).options(MixtureConfig(method=method, num_tasks=TASKS, **settings))
+    assert isinstance(parsed, options_class)
+    wrong = {bool: "yes", str: 3, int: 2.5, float: True}
+    for field in dataclasses.fields(options_class):
+        hint = typing.get_type_hints(options_class)[field.name]
+        kind = next((kind for kind in wrong if kind is hint or kind in typing.get_args(hint)), None)
+        value = wrong[kind] if kind is not None else "not a list"
+        with pytest.raises(ConfigError, match=field.name):
+            MixtureConfig(method=method, num_tasks=TASKS, **settings, method_options={field.name: value})
+    with pytest.raises(ConfigError, match="'no_such_option'"):
+        MixtureConfig(method=method, num_tasks=TASKS, **settings, method_options={"no_such_option": 1})

@@ -8,10 +8,11 @@ block-diagonal, :meth:`Method.bank_blocks`), the scale s, and builds the layer's
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from loramix.methods.options import MethodOptions
 from loramix.mixers import Mixer, shared_pairing
 
 if TYPE_CHECKING:
@@ -26,22 +27,24 @@ class Method:
     Attributes:
         name: the registered name used in ``MixtureConfig.method``.
         default_aux_loss_weight: weight of the method's auxiliary loss when the config gives none.
-        options: the keys of ``MixtureConfig.method_options`` the method reads.
+        Options: the dataclass of the method's ``MixtureConfig.method_options`` (see
+            :mod:`loramix.methods.options`); the base class takes none.
         top_k_of: the field whose count ``top_k`` selects among (``"num_experts"`` or ``"r"``), or ``None``
             for methods without top-k routing (they reject ``top_k``).
     """
 
     name: ClassVar[str] = ""
     default_aux_loss_weight: ClassVar[float] = 0.0
-    options: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
     top_k_of: ClassVar[str | None] = None
 
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
         """Reject settings this method cannot honour (raise ``ConfigError`` naming the field).
 
-        The base check rejects ``method_options`` keys outside :attr:`options` and a ``top_k`` the method
-        cannot honour (no top-k routing, or more than it selects among); subclasses add their own checks.
+        The base check parses ``method_options`` into :attr:`Options` (unknown keys, types and bounds) and
+        rejects a ``top_k`` the method cannot honour (no top-k routing, or more than it selects among);
+        subclasses add their own checks.
         """
         from loramix.config import ConfigError
 
@@ -57,17 +60,16 @@ class Method:
                     f"MixtureConfig.top_k={config.top_k} is invalid: at most {cls.top_k_of}={count} for "
                     f"{cls.name!r} (it selects top_k of {count})"
                 )
+        cls.options(config)
 
-        if config.method_options and not cls.options:
-            raise ConfigError(
-                f"MixtureConfig.method_options={config.method_options!r} is invalid: method {cls.name!r} "
-                "takes no options"
-            )
-        unknown = sorted(set(config.method_options) - set(cls.options))
-        if unknown:
-            raise ConfigError(
-                f"MixtureConfig.method_options has unknown keys {unknown} for {cls.name!r}; known: {list(cls.options)}"
-            )
+    @classmethod
+    def options(cls, config: MixtureConfig) -> Any:
+        """The method's typed options, parsed from ``config.method_options`` with their defaults filled in.
+
+        Raises:
+            ConfigError: an unknown option, or a value of the wrong type or out of bounds (naming it).
+        """
+        return cls.Options.parse(cls.name, config)
 
     @classmethod
     def bank_sizes(cls, config: MixtureConfig) -> tuple[int, int]:

@@ -20,14 +20,24 @@ receive the gradient of their chosen probabilities. Per sequence and input-depen
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from loramix.config import ConfigError, MixtureConfig, check_option
+from loramix.config import ConfigError, MixtureConfig
 from loramix.context import RoutingContext
 from loramix.gating import pool_sequences, straight_through, token_mask
 from loramix.methods.base import Method, register_method
+from loramix.methods.options import MethodOptions
 from loramix.mixers import Mixer
+
+
+@dataclass(frozen=True)
+class ConditionalMixLoRAOptions(MethodOptions):
+    """Conditional MixLoRA's ``method_options``: the conditional term of B's scores on or off."""
+
+    conditional: bool = True
 
 
 def _chosen_weight(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -87,7 +97,7 @@ class ConditionalMixLoRA(Method):
     """Conditional MixLoRA: a per-sequence rank-r LoRA assembled from pools of E rank-1 factors."""
 
     name = "conditional_mixlora"
-    options = ("conditional",)
+    Options = ConditionalMixLoRAOptions
 
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
@@ -97,8 +107,6 @@ class ConditionalMixLoRA(Method):
                 f"MixtureConfig.r={config.r} is invalid: 'conditional_mixlora' selects r factors from pools of "
                 f"num_experts={config.num_experts}"
             )
-        conditional = config.method_options.get("conditional", True)
-        check_option(cls.name, "conditional", conditional, isinstance(conditional, bool), "true or false (a boolean)")
 
     @classmethod
     def bank_sizes(cls, config: MixtureConfig) -> tuple[int, int]:
@@ -106,5 +114,4 @@ class ConditionalMixLoRA(Method):
 
     @classmethod
     def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
-        conditional = bool(config.method_options.get("conditional", True))
-        return FactorSelectionMixer(in_features, config.num_experts, config.r, conditional)
+        return FactorSelectionMixer(in_features, config.num_experts, config.r, cls.options(config).conditional)

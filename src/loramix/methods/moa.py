@@ -33,21 +33,31 @@ Decisions where the paper is silent:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramix.config import MixtureConfig, check_option
+from loramix.config import MixtureConfig
 from loramix.context import RoutingContext
 from loramix.gating import expert_gates, one_hot_gates, pool_sequences, straight_through
 from loramix.methods.base import Method, register_method, require_one_expert_per_task
+from loramix.methods.options import MethodOptions, option
 from loramix.mixers import Mixer, Router
 
 ROUTE_BY = ("router", "label")
 GATES = ("top1", "soft")
 ROUTER_LOSS = "router"
+
+
+@dataclass(frozen=True)
+class MoAOptions(MethodOptions):
+    """MoA's ``method_options``: the routing mode and the gate (see the module docstring)."""
+
+    route_by: str = option("router", choices=ROUTE_BY)
+    gate: str = option("top1", choices=GATES)
 
 
 class DomainRouter(Router):
@@ -147,19 +157,15 @@ class MoA(Method):
     """
 
     name = "moa"
-    options = ("route_by", "gate")
+    Options = MoAOptions
     default_aux_loss_weight = 1.0
 
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
         super().validate(config)
-        for key, allowed in (("route_by", ROUTE_BY), ("gate", GATES)):
-            value = config.method_options.get(key, allowed[0])
-            check_option(cls.name, key, value, isinstance(value, str) and value in allowed, f"one of {allowed}")
         require_one_expert_per_task(config, cls.name, task_word="domain")
 
     @classmethod
     def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
-        route_by = config.method_options.get("route_by", "router")
-        gate = config.method_options.get("gate", "top1")
-        return DomainRouter(in_features, config.num_tasks, config.r, route_by, gate)
+        options = cls.options(config)
+        return DomainRouter(in_features, config.num_tasks, config.r, options.route_by, options.gate)

@@ -13,16 +13,25 @@ exports as a rank-n·r PEFT LoRA whose A is ``M_t A``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from loramix.config import MixtureConfig, check_option, is_number
+from loramix.config import MixtureConfig
 from loramix.context import RoutingContext
 from loramix.gating import expert_gates
 from loramix.methods.base import SharedDownProjection, register_method
+from loramix.methods.options import MethodOptions, option
 from loramix.mixers import Mixer
 
-OPTIONS = ("temperature", "diagonal")
+
+@dataclass(frozen=True)
+class MTLLoRAOptions(MethodOptions):
+    """MTL-LoRA's ``method_options``: τ of the mixing softmax, and a diagonal Λ_t."""
+
+    temperature: float = option(0.1, above=0)
+    diagonal: bool = False
 
 
 class TaskTransformMixer(Mixer):
@@ -71,23 +80,9 @@ class MTLLoRA(SharedDownProjection):
     """MTL-LoRA: shared A, per-task r × r transform, task-weighted mix of n shared B."""
 
     name = "mtl_lora"
-    options = OPTIONS
-
-    @classmethod
-    def validate(cls, config: MixtureConfig) -> None:
-        super().validate(config)
-        temperature = config.method_options.get("temperature", 0.1)
-        check_option(cls.name, "temperature", temperature, is_number(temperature) and temperature > 0, "a number > 0")
-        diagonal = config.method_options.get("diagonal", False)
-        check_option(cls.name, "diagonal", diagonal, isinstance(diagonal, bool), "true or false (a boolean)")
+    Options = MTLLoRAOptions
 
     @classmethod
     def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
-        options = config.method_options
-        return TaskTransformMixer(
-            config.num_tasks,
-            config.r,
-            config.num_experts,
-            float(options.get("temperature", 0.1)),
-            bool(options.get("diagonal", False)),
-        )
+        options = cls.options(config)
+        return TaskTransformMixer(config.num_tasks, config.r, config.num_experts, options.temperature, options.diagonal)

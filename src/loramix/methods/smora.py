@@ -16,16 +16,26 @@ bias is saved with the adapter. Token-level, so not mergeable.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from loramix.config import ConfigError, MixtureConfig, check_option, is_number
+from loramix.config import ConfigError, MixtureConfig
 from loramix.context import RoutingContext
 from loramix.gating import token_mask
 from loramix.methods.base import Method, register_method
+from loramix.methods.options import MethodOptions, option
 from loramix.mixers import Mixer, Router
 
 DEFAULT_TOP_K = 8
+
+
+@dataclass(frozen=True)
+class SMoRAOptions(MethodOptions):
+    """SMoRA's ``method_options``: u, the step of the balance bias."""
+
+    bias_update_rate: float = option(1e-5, low=0)
 
 
 class RankRouter(Router):
@@ -69,7 +79,7 @@ class SMoRA(Method):
     """SMoRA: each rank is an expert; top-k per token; bias-based load balance; scale alpha / k."""
 
     name = "smora"
-    options = ("bias_update_rate",)
+    Options = SMoRAOptions
     top_k_of = "r"
 
     @classmethod
@@ -80,8 +90,6 @@ class SMoRA(Method):
                 f"MixtureConfig.num_experts={config.num_experts} is invalid: 'smora' makes each of the r ranks an "
                 "expert; set r and leave num_experts at 1"
             )
-        rate = config.method_options.get("bias_update_rate", 1e-5)
-        check_option(cls.name, "bias_update_rate", rate, is_number(rate) and rate >= 0, "a finite number >= 0")
 
     @classmethod
     def top_k(cls, config: MixtureConfig) -> int:
@@ -93,5 +101,4 @@ class SMoRA(Method):
 
     @classmethod
     def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
-        rate = float(config.method_options.get("bias_update_rate", 1e-5))
-        return RankRouter(in_features, config.r, cls.top_k(config), rate)
+        return RankRouter(in_features, config.r, cls.top_k(config), cls.options(config).bias_update_rate)
