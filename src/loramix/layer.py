@@ -137,12 +137,14 @@ class MixtureLinear(nn.Module):
     def _down_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """Block-diagonal ``A x``: block i of A (K_A / n rows) reads input slice i. [..., d_in] -> [..., K_A]."""
         blocks = self.lora_A.view(self.blocks, -1, self.lora_A.shape[1])
-        return torch.einsum("...nd,nrd->...nr", x.unflatten(-1, (self.blocks, -1)), blocks).flatten(-2)
+        slices = x.reshape(*x.shape[:-1], self.blocks, -1)
+        return torch.einsum("...nd,nrd->...nr", slices, blocks).flatten(-2)
 
     def _up_blocks(self, hidden: torch.Tensor) -> torch.Tensor:
         """Block-diagonal ``B h``: block i of B (K_B / n columns) writes output slice i. [..., K_B] -> [..., d_out]."""
         blocks = self.lora_B.view(self.lora_B.shape[0], self.blocks, -1)
-        return torch.einsum("...nr,onr->...no", hidden.unflatten(-1, (self.blocks, -1)), blocks).flatten(-2)
+        per_block = hidden.reshape(*hidden.shape[:-1], self.blocks, -1)
+        return torch.einsum("...nr,onr->...no", per_block, blocks).flatten(-2)
 
     def dense_banks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The banks as dense matrices (A [K_A, d_in], B [d_out, K_B]), expanding block-diagonal ones."""

@@ -30,7 +30,8 @@ class DyadicRouter(Router):
         self.proj = nn.Linear(in_features, rank * num_experts, bias=False)
 
     def route(self, x: torch.Tensor, context: RoutingContext) -> torch.Tensor:
-        logits = self.proj(x.to(self.proj.weight.dtype)).float().unflatten(-1, (self.rank, self.num_experts))
+        logits = self.proj(x.to(self.proj.weight.dtype)).float()
+        logits = logits.reshape(*logits.shape[:-1], self.rank, self.num_experts)
         probs = torch.softmax(logits, dim=-1)  # [..., r, m]: each slot's weights over experts
         return probs.transpose(-1, -2).flatten(-2).to(x.dtype)
 
