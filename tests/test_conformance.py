@@ -212,3 +212,13 @@ def test_options_are_typed_and_unknown_keys_are_named(method: str) -> None:
             MixtureConfig(method=method, num_tasks=TASKS, **settings, method_options={field.name: value})
     with pytest.raises(ConfigError, match="'no_such_option'"):
         MixtureConfig(method=method, num_tasks=TASKS, **settings, method_options={"no_such_option": 1})
+
+
+def test_configs_saved_with_a_task_embedding_width_still_load() -> None:
+    """Earlier saves wrote ``task_embedding_dim`` for every method; it is MOELoRA's option now."""
+    saved = {"method": "moelora", "r": 2, "num_experts": 3, "num_tasks": 3, "task_embedding_dim": 16}
+    config = MixtureConfig.from_dict({**saved, "peft_type": "LORAMIX"})
+    assert config.method_options == {"task_embedding_dim": 16}
+    layer = MixtureLinear(nn.Linear(D_MODEL, D_HIDDEN), config, get_method("moelora"), ContextHolder(), "layer")
+    assert layer.router.task_embedding.weight.shape == (TASKS, 16)
+    assert MixtureConfig.from_dict({"method": "lora", "task_embedding_dim": 64}).method_options == {}
