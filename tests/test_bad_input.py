@@ -337,7 +337,7 @@ MODEL_CASES: dict[str, tuple[Callable[[World], None], type[Exception], str, str]
     "wrap_config_mutated_option": (
         _wrap_mutated("method_options", {"tau": 1}),
         ConfigError,
-        "takes no options",
+        r"unknown keys \[.tau.\]",
         "base",
     ),
     "wrap_not_a_config": (

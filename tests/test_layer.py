@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from peft import PeftModel
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from loramix.config import MixtureConfig
+from loramix import get_mixture_model
+from loramix.config import ConfigError, MixtureConfig
 from loramix.context import ContextHolder, RoutingContext
 from loramix.layer import MixtureLinear
 from loramix.methods import get_method
+from tiny_models import TARGETS, batch, build, randomize_adapters
 
 D_IN, D_OUT, TASKS = 12, 10, 3
 
@@ -126,3 +131,53 @@ def test_flat_token_input_is_routed_by_sequence() -> None:
     torch.testing.assert_close(
         run(layer, holder, x.reshape(8, D_IN), tasks), run(layer, holder, x, tasks).reshape(8, D_OUT)
     )
+
+
+@pytest.mark.parametrize("base", ["linear", "conv1d"])
+def test_melora_matches_mini_lora_loop(base: str, inputs) -> None:
+    """MELoRA: n mini LoRAs, each mapping its slice of the input to its slice of the output (n = 2, r = 3)."""
+    x, tasks = inputs
+    blocks, rank = 2, 3
+    base_layer = nn.Linear(D_IN, D_OUT) if base == "linear" else Conv1D(D_OUT, D_IN)
+    layer, holder = make_layer(base_layer, method="melora", r=rank, num_experts=blocks, lora_alpha=6)
+    assert layer.lora_A.shape == (blocks * rank, D_IN // blocks) and layer.lora_B.shape == (
+        D_OUT // blocks,
+        blocks * rank,
+    )
+    expected = layer.base_layer(x).clone()
+    d_in, d_out = D_IN // blocks, D_OUT // blocks
+    for i in range(blocks):
+        mini_a = layer.lora_A[i * rank : (i + 1) * rank]  # r × d_in/n
+        mini_b = layer.lora_B[:, i * rank : (i + 1) * rank]  # d_out/n × r
+        expected[..., i * d_out : (i + 1) * d_out] += (
+            (6 / rank) * x[..., i * d_in : (i + 1) * d_in] @ mini_a.T @ mini_b.T
+        )
+    torch.testing.assert_close(run(layer, holder, x, tasks), expected)
+    delta = layer.delta_weight(0)
+    assert torch.count_nonzero(delta[:d_out, d_in:]) == 0 and torch.count_nonzero(delta[d_out:, :d_in]) == 0
+    torch.testing.assert_close(layer.base_layer(x) + x @ delta.T, expected)
+    factor_a, factor_b = layer.task_factors(2)
+    assert factor_a.shape == (blocks * rank, D_IN)
+    torch.testing.assert_close(factor_b @ factor_a, delta)
+
+
+def test_melora_refuses_a_layer_it_cannot_split() -> None:
+    with pytest.raises(ConfigError, match="diagonal blocks"):
+        make_layer(nn.Linear(D_IN, D_OUT), method="melora", r=2, num_experts=4)  # 10 outputs: not 4 blocks
+
+
+def test_melora_merges_and_exports_like_lora(tmp_path) -> None:
+    reference = build("llama")
+    mixture = get_mixture_model(
+        copy.deepcopy(reference),
+        MixtureConfig(method="melora", r=2, num_experts=4, num_tasks=2, target_modules=TARGETS["llama"]),
+    )
+    randomize_adapters(mixture)
+    inputs = batch("llama")
+    with torch.no_grad():
+        expected = mixture(**inputs).logits
+        torch.testing.assert_close(mixture.merge(0)(**inputs).logits, expected, rtol=1e-4, atol=1e-5)
+    mixture.export(tmp_path, task=1)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**inputs).logits, expected, rtol=1e-4, atol=1e-5)

@@ -15,8 +15,9 @@ from torch import nn
 import tiny_models
 from loramix import ConfigError, MixtureConfig, MixtureModel, get_mixture_model
 from loramix.context import ContextHolder, RoutingContext
+from loramix.gating import pool_sequences
 from loramix.layer import MixtureLinear
-from loramix.methods.moa import MoA, pool_sequences
+from loramix.methods.moa import MoA
 from loramix.moa import (
     StageSettings,
     add_domain,
@@ -114,7 +115,7 @@ def test_top1_gate_is_exactly_one_and_trains_the_router() -> None:
     router = next(iter(domain_routers(model).values()))
     outputs.loss.backward()
     assert router.classifier.weight.grad.abs().sum() > 0
-    gate = router(torch.randn(3, 7, 32), RoutingContext(), "probe")
+    gate = router.route(torch.randn(3, 7, 32), RoutingContext())
     assert set(gate.unique().tolist()) <= {0.0, 1.0} and torch.all(gate.sum(-1) == RANK)
 
 
@@ -178,7 +179,7 @@ def test_generate_keeps_the_prompt_route_for_every_token() -> None:
     assert len(calls) == len(prompt_experts)  # one routing per layer, on the prompt
     # Reference: each layer routed by label to the expert its router chose on the prompt.
     for name, router in domain_routers(model).items():
-        router.forward = lambda x, context, layer_name, router=router, chosen=prompt_experts[name]: router.expert_gates(
+        router.route = lambda x, context, router=router, chosen=prompt_experts[name]: router.expert_gates(
             chosen.repeat_interleave(x.shape[0] // chosen.shape[0])
         )
     expected = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)

@@ -17,7 +17,8 @@ from torch import nn
 
 from loramix import ConfigError, MixtureConfig, MixtureModel, get_mixture_model
 from loramix.context import RoutingContext
-from loramix.methods.more import RankSelectorRouter, pool_sequences
+from loramix.gating import pool_sequences
+from loramix.methods.more import RankSelectorRouter
 from tiny_models import TARGETS, batch, build, randomize_adapters
 
 NUM_TASKS = 3
@@ -154,7 +155,7 @@ def test_contrastive_loss_matches_reference(pooling: str) -> None:
         pooled = x[:, 0]
     else:
         pooled = torch.stack([x[row, : int(mask[row].sum())].mean(0) for row in range(3)])
-    torch.testing.assert_close(pool_sequences(x, pooling, mask), pooled)
+    torch.testing.assert_close(pool_sequences(x, mask, pooling), pooled)
     cosine = F.cosine_similarity(pooled[:, None], router.task_embedding[None], dim=-1)
     expected = F.cross_entropy(cosine / 0.05, TASKS)
     got = router.contrastive_loss(x, TASKS, RoutingContext(task_ids=TASKS, attention_mask=mask))

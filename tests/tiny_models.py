@@ -39,6 +39,7 @@ METHOD_SETTINGS = {
     "smora": {"r": 8, "top_k": 2},
     "malora": {"r": 2, "num_experts": 4},
     "conditional_mixlora": {"r": 2, "num_experts": 6},
+    "melora": {"r": 2, "num_experts": 2},
 }
 # Methods that route on the input (per token or per sequence) and so cannot merge a task.
 INPUT_ROUTED = ("hydralora", "mixlora", "mode", "smora", "malora", "conditional_mixlora")

@@ -22,7 +22,7 @@ LEGACY_CONFIG_NAME = "adapter_config.json"
 """PEFT's file name, which earlier loramix saves used for the mixture (with ``peft_type: "LORAMIX"``); still read."""
 PEFT_TYPE = "LORAMIX"
 MAX_SIZE = 2**16
-"""Upper bound of ``r``, ``num_experts``, ``num_tasks`` and ``task_embedding_dim`` (a guard against absurd sizes)."""
+"""Upper bound of ``r``, ``num_experts``, ``num_tasks`` and sizes in method options (a guard against absurd sizes)."""
 
 
 class ConfigError(ValueError):
@@ -86,7 +86,6 @@ class MixtureConfig:
         use_rslora: use rank-stabilised scaling ``lora_alpha / sqrt(r)``.
         num_tasks: number of tasks T that ``task_ids`` may name (``0 <= task_id < T``).
         task_names: optional names of the tasks, in id order.
-        task_embedding_dim: width of the task embedding of task-routed methods (MOELoRA).
         top_k: experts (or rank components) kept per token by top-k routers; ``None`` keeps the method's
             default. Only methods with top-k routing take it (``mixlora``, ``hydralora``, ``malora``: at most
             ``num_experts``; ``smora``: at most ``r``); the others refuse it.
@@ -110,7 +109,6 @@ class MixtureConfig:
     use_rslora: bool = False
     num_tasks: int = 1
     task_names: list[str] | None = None
-    task_embedding_dim: int = 64
     top_k: int | None = None
     aux_loss_weight: float | None = None
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -135,7 +133,7 @@ class MixtureConfig:
             _fail("method", self.method, f"one of {sorted(available_methods())}")
         self.target_modules = _check_patterns("target_modules", self.target_modules, allow_none=False)
         self.exclude_modules = _check_patterns("exclude_modules", self.exclude_modules, allow_none=True)
-        for name in ("r", "num_experts", "num_tasks", "task_embedding_dim"):
+        for name in ("r", "num_experts", "num_tasks"):
             value = getattr(self, name)
             if not is_count(value):
                 _fail(name, value, f"a positive integer (at most {MAX_SIZE})")
@@ -229,7 +227,7 @@ class MixtureConfig:
                 f"this is the config of a PEFT {peft_type} adapter, not of a loramix mixture "
                 f"(peft_type {peft_type!r}, expected {PEFT_TYPE!r}): load it with peft.PeftModel.from_pretrained"
             )
-        data = {key: value for key, value in data.items() if key != "peft_type"}
+        data = _moved_options({key: value for key, value in data.items() if key != "peft_type"})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(map(str, data)) - known)
         if unknown:
@@ -280,6 +278,22 @@ class MixtureConfig:
             return cls.from_dict(data)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
+
+
+def _moved_options(data: dict[str, Any]) -> dict[str, Any]:
+    """Map fields that earlier versions kept in the config itself to the method options that now hold them.
+
+    ``task_embedding_dim`` (written by every earlier save) is MOELoRA's ``method_options["task_embedding_dim"]``
+    now; other methods never read it, so it is dropped for them.
+    """
+    if "task_embedding_dim" not in data:
+        return data
+    data = dict(data)
+    width = data.pop("task_embedding_dim")
+    options = data.get("method_options", {})
+    if data.get("method") == "moelora" and isinstance(options, dict) and "task_embedding_dim" not in options:
+        data["method_options"] = {**options, "task_embedding_dim": width}
+    return data
 
 
 def read_json_file(path: str | Path) -> Any:

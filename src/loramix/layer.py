@@ -1,8 +1,10 @@
-"""The adapted layer: a frozen linear map plus a routed low-rank delta over factor banks.
+"""The adapted layer: a frozen linear map plus a mixed low-rank delta over factor banks.
 
-``h = W0 x + s · B · diag(g) · A x``: A (K_A × d_in) stacks every expert's down-projection rows, B
-(d_out × K_B) every expert's up-projection columns, and the router's gate g weighs the K_B components.
-Two GEMMs and one element-wise product, whatever the number of experts.
+``h = W0 x + s · B · mix(A · dropout(x))``: A (K_A × d_in) stacks every expert's down-projection rows, B
+(d_out × K_B) every expert's up-projection columns, and the method's mixer (:mod:`loramix.mixers`) maps the
+K_A down-projected components to the K_B components B projects up (for most methods a gate on each
+component). Two GEMMs and the mixer's small work, whatever the number of experts. When the mixer depends on
+the task alone, task t's delta is the fixed matrix ``s · B · M_t · A``, which merges or exports as a LoRA.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from loramix.config import MixtureConfig
+from loramix.config import ConfigError, MixtureConfig
 from loramix.context import ContextHolder, RoutingContext
 from loramix.methods.base import Method
 
@@ -33,12 +35,19 @@ def layer_dims(base: nn.Module) -> tuple[int, int]:
 class MixtureLinear(nn.Module):
     """A frozen ``nn.Linear`` / ``Conv1D`` with a mixture of low-rank experts on top.
 
+    The method's mixer is ``self.router`` (the name saved adapters and parameter patterns use). With
+    block-diagonal banks (``Method.bank_blocks`` n > 1, MELoRA) the layer stores only the diagonal blocks:
+    ``lora_A`` is [K_A, d_in / n] and ``lora_B`` [d_out / n, K_B]; :meth:`dense_banks` expands them.
+
     Args:
         base_layer: the layer to adapt; it is kept (frozen) as ``self.base_layer``.
         config: the mixture's settings.
-        method: the method class that sizes the banks and builds the router.
+        method: the method class that sizes the banks and builds the mixer.
         holder: where the model puts the routing context of the call in progress.
         name: the layer's module name in the model (used for records and routing caches).
+
+    Raises:
+        ConfigError: the method's bank blocks do not divide the layer's dimensions.
     """
 
     def __init__(
@@ -46,6 +55,12 @@ class MixtureLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = layer_dims(base_layer)
+        self.blocks = method.bank_blocks(config)
+        if self.in_features % self.blocks or self.out_features % self.blocks:
+            raise ConfigError(
+                f"method {config.method!r} splits layer {name} ({self.in_features} -> {self.out_features}) into "
+                f"{self.blocks} diagonal blocks, which must divide both sizes (change num_experts or target_modules)"
+            )
         self.base_layer = base_layer
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self.layer_name = name
@@ -53,17 +68,17 @@ class MixtureLinear(nn.Module):
         self.scale = method.scale(config)
         k_a, k_b = method.bank_sizes(config)
         weight = base_layer.weight
-        self.lora_A = nn.Parameter(torch.empty(k_a, self.in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, k_b, dtype=weight.dtype, device=weight.device))
-        a_index = method.a_index(config)
-        self.register_buffer("a_index", a_index, persistent=False)
-        self.router = method.make_router(config, self.in_features, self.out_features).to(weight.device)
+        factory = {"dtype": weight.dtype, "device": weight.device}
+        self.lora_A = nn.Parameter(torch.empty(k_a, self.in_features // self.blocks, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features // self.blocks, k_b, **factory))
+        self.router = method.make_mixer(config, self.in_features, self.out_features).to(weight.device)
+        self.router.layer_name = name
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.merged_task: int | None = None
         self.reset_lora_parameters(config.init_lora_weights, config.r)
 
     def reset_lora_parameters(self, init: str, rank: int) -> None:
-        """A Kaiming-uniform (or normal, std 1/r) and B zero, so the delta starts at zero; then the router's
+        """A Kaiming-uniform (or normal, std 1/r) and B zero, so the delta starts at zero; then the mixer's
         own initialisation of the banks, if its method has one."""
         with torch.no_grad():
             if init == "gaussian":
@@ -71,7 +86,7 @@ class MixtureLinear(nn.Module):
             else:
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             self.lora_B.zero_()
-            self.router.reset_banks(self.lora_A, self.lora_B)
+            self.router.init_banks(self.lora_A, self.lora_B)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -83,13 +98,13 @@ class MixtureLinear(nn.Module):
         """The base layer's bias."""
         return self.base_layer.bias
 
-    def paired_A(self, task: int | None = None) -> torch.Tensor:
-        """The A rows paired with each B column, FloatTensor[K_B, d_in] (after a task's transform, if any)."""
-        factor_a = self.lora_A if task is None else self.router.transform_task_A(self.lora_A, task)
-        return factor_a if self.a_index is None else factor_a[self.a_index]
+    @property
+    def mergeable(self) -> bool:
+        """The mixer depends on the task alone, so a task merges into the base weights or exports as a LoRA."""
+        return self.router.mergeable
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """``base(x) + s · B diag(g) A dropout(x)`` for x of shape [batch, ..., d_in]."""
+        """``base(x) + s · B mix(A dropout(x))`` for x of shape [batch, ..., d_in]."""
         result = self.base_layer(x, *args, **kwargs)
         context = self.holder.current
         if self.merged_task is not None:
@@ -103,15 +118,11 @@ class MixtureLinear(nn.Module):
                 )
             return result
         routing = context if context is not None else RoutingContext()
-        gate = self.router(x, routing, self.layer_name)
         dropped = self.dropout(x).to(self.lora_A.dtype)
-        hidden = self.router.transform(F.linear(dropped, self.lora_A), x, self.lora_A, routing)
-        if self.a_index is not None:
-            hidden = hidden[..., self.a_index]
-        if gate is not None:
-            if gate.dim() == 2 and hidden.dim() > 2:
-                gate = gate.view(gate.shape[0], *([1] * (hidden.dim() - 2)), gate.shape[-1])
-            hidden = hidden * gate
+        if self.blocks > 1:
+            hidden = self.router.mix(self._down_blocks(dropped), x, routing, self.lora_A)
+            return result + (self._up_blocks(hidden) * self.scale).to(result.dtype)
+        hidden = self.router.mix(F.linear(dropped, self.lora_A), x, routing, self.lora_A)
         if hidden.dtype != result.dtype:
             return result + (F.linear(hidden, self.lora_B) * self.scale).to(result.dtype)
         # result + s · hidden Bᵀ in one GEMM: the scale and the residual add ride on addmm's alpha and beta
@@ -123,23 +134,48 @@ class MixtureLinear(nn.Module):
         )
         return flat.view(result.shape)
 
-    def delta_weight(self, task: int) -> torch.Tensor:
-        """The fixed weight change of one task, ``s · B diag(g_t) A``, FloatTensor[d_out, d_in].
+    def _down_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """Block-diagonal ``A x``: block i of A (K_A / n rows) reads input slice i. [..., d_in] -> [..., K_A]."""
+        blocks = self.lora_A.view(self.blocks, -1, self.lora_A.shape[1])
+        slices = x.reshape(*x.shape[:-1], self.blocks, -1)
+        return torch.einsum("...nd,nrd->...nr", slices, blocks).flatten(-2)
 
-        Raises:
-            TypeError: the method's gate does not depend on the task alone.
-        """
-        gate = self.router.task_gate(task).to(self.lora_B)
-        return (self.lora_B * (gate * self.scale)) @ self.paired_A(task)
+    def _up_blocks(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Block-diagonal ``B h``: block i of B (K_B / n columns) writes output slice i. [..., K_B] -> [..., d_out]."""
+        blocks = self.lora_B.view(self.lora_B.shape[0], self.blocks, -1)
+        per_block = hidden.reshape(*hidden.shape[:-1], self.blocks, -1)
+        return torch.einsum("...nr,onr->...no", per_block, blocks).flatten(-2)
+
+    def dense_banks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The banks as dense matrices (A [K_A, d_in], B [d_out, K_B]), expanding block-diagonal ones."""
+        if self.blocks == 1:
+            return self.lora_A, self.lora_B
+        factor_a = torch.block_diag(*self.lora_A.view(self.blocks, -1, self.lora_A.shape[1]))
+        factor_b = torch.block_diag(*self.lora_B.view(self.lora_B.shape[0], self.blocks, -1).unbind(1))
+        return factor_a, factor_b
 
     def task_factors(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Plain LoRA factors of one task with the scale folded into B: (A_t [r_t, d_in], B_t [d_out, r_t]).
 
-        Only components with a non-zero gate are kept, so ``B_t @ A_t == delta_weight(task)``.
+        ``A_t = M_t A`` and ``B_t = s · B``, restricted to the B columns the task uses (a non-zero row of the
+        mixer's task matrix M_t), so ``B_t @ A_t == delta_weight(task)``.
+
+        Raises:
+            TypeError: the method's mixer routes on the input (not mergeable).
         """
-        gate = self.router.task_gate(task).to(self.lora_B)
-        keep = gate.nonzero().flatten()
-        return self.paired_A(task)[keep], self.lora_B[:, keep] * (gate[keep] * self.scale)
+        factor_a, factor_b = self.dense_banks()
+        matrix = self.router.task_matrix(task).to(factor_b)
+        keep = matrix.abs().sum(1).nonzero().flatten()
+        return matrix[keep] @ factor_a, factor_b[:, keep] * self.scale
+
+    def delta_weight(self, task: int) -> torch.Tensor:
+        """The fixed weight change of one task, ``s · B M_t A``, FloatTensor[d_out, d_in].
+
+        Raises:
+            TypeError: the method's mixer routes on the input (not mergeable).
+        """
+        factor_a, factor_b = self.task_factors(task)
+        return factor_b @ factor_a
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
         weight = self.base_layer.weight
@@ -162,4 +198,7 @@ class MixtureLinear(nn.Module):
         self.merged_task = None
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, K_A={self.lora_A.shape[0]}, K_B={self.lora_B.shape[1]}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, K_A={self.lora_A.shape[0]}, K_B={self.lora_B.shape[1]}"
+            + (f", blocks={self.blocks}" if self.blocks > 1 else "")
+        )

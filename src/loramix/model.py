@@ -223,7 +223,7 @@ def _check_size(model: nn.Module, targets: list[str], config: MixtureConfig) -> 
         d_in, d_out = layer_dims(model.get_submodule(name))
         if (d_in, d_out) not in router_sizes:
             with torch.device("meta"):
-                router = method.make_router(config, d_in, d_out)
+                router = method.make_mixer(config, d_in, d_out)
             router_sizes[d_in, d_out] = sum(t.numel() for t in (*router.parameters(), *router.buffers()))
         total += k_a * d_in + d_out * k_b + router_sizes[d_in, d_out]
     base = sum(p.numel() for p in model.parameters())
@@ -354,12 +354,16 @@ def task_id_tensor(config: MixtureConfig, task_ids: Any, batch_size: int | None)
         )
     if ids.dim() != 1:
         raise ValueError(f"task_ids must be one id per sequence, shape [batch]; got shape {tuple(ids.shape)}")
-    outside = [int(task) for task in ids.tolist() if not 0 <= task < num_tasks]
-    if outside:
-        raise ValueError(
-            f"task_ids {ids.tolist()} out of range: task {outside[0]} is not one of this mixture's "
-            f"{num_tasks} tasks ({known})"
-        )
+    if torch.compiler.is_compiling():
+        # No host sync inside a compiled graph (torch.compile): the range check runs on the device instead.
+        torch._assert_async(((ids >= 0) & (ids < num_tasks)).all(), f"task_ids out of range ({known})")
+    else:
+        outside = [int(task) for task in ids.tolist() if not 0 <= task < num_tasks]
+        if outside:
+            raise ValueError(
+                f"task_ids {ids.tolist()} out of range: task {outside[0]} is not one of this mixture's "
+                f"{num_tasks} tasks ({known})"
+            )
     if batch_size is not None and ids.shape[0] != batch_size:
         raise ValueError(f"task_ids has {ids.shape[0]} entries for a batch of {batch_size} sequences")
     return ids
@@ -672,7 +676,7 @@ class MixtureModel(nn.Module):
     # ------------------------------------------------------------------ merge / export
     def _require_mergeable(self) -> None:
         for name, layer in self.mixture_layers().items():
-            if not layer.router.task_only:
+            if not layer.mergeable:
                 raise TypeError(
                     f"method {self.mixture_config.method!r} routes on the input (layer {name}), so a task has no "
                     "fixed weights to merge or export"

@@ -1,10 +1,8 @@
-"""Routers: each computes the mixer gate ``g`` of an adapted layer for the current call.
+"""The generic routers: diagonal mixers whose gate comes from the task or from each token.
 
-A router returns the gate over the K rank components of the layer's B bank (``M = diag(g)``):
-a FloatTensor[batch, K] when it decides per sequence or per task, or a tensor of the input's leading shape
-plus K (``[batch, seq, K]``) when it decides per token. Auxiliary losses go into the routing context.
-Routers whose gate depends on the task alone set ``task_only = True`` and implement
-:meth:`Router.task_gate`, which is what lets a task merge into the base weights.
+Each returns the gate over the K rank components of the layer's B bank (``M = diag(g)``, see
+:class:`~loramix.mixers.Router`). Auxiliary losses go into the routing context. Routers whose gate depends
+on the task alone are ``mergeable`` and give it in :meth:`~loramix.mixers.Mixer.task_gate`.
 """
 
 from __future__ import annotations
@@ -13,60 +11,16 @@ import torch
 from torch import nn
 
 from loramix.context import RoutingContext
-
-
-class Router(nn.Module):
-    """Base class of routers.
-
-    Attributes:
-        task_only: the gate is a function of the task id alone (mergeable, exportable per task).
-        needs_task_ids: calls must pass ``task_ids``.
-    """
-
-    task_only: bool = True
-    needs_task_ids: bool = True
-
-    def __init__(self, num_components: int) -> None:
-        super().__init__()
-        self.num_components = num_components
-
-    def forward(self, x: torch.Tensor, context: RoutingContext, layer_name: str) -> torch.Tensor | None:
-        """Gate for input ``x`` (shape [batch, ..., d_in]); ``None`` means all ones."""
-        raise NotImplementedError
-
-    def task_gate(self, task: int) -> torch.Tensor:
-        """The gate of one task, FloatTensor[K]; only for routers with ``task_only``."""
-        raise TypeError(f"{type(self).__name__} routes on the input, not on the task alone")
-
-    def transform(
-        self, hidden: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, context: RoutingContext
-    ) -> torch.Tensor:
-        """Map the down-projection ``hidden = A x`` (FloatTensor[batch, ..., K_A]) before ``a_index`` and the gate.
-
-        Identity by default. A method whose mixer is not diagonal overrides it: MTL-LoRA's per-task r × r
-        matrix, MALoRA's per-expert projections, conditional MixLoRA's factor selection (which reads the
-        layer input ``x`` and the A bank ``lora_A``). A task-only router that overrides it also overrides
-        :meth:`transform_task_A`.
-        """
-        return hidden
-
-    def transform_task_A(self, lora_A: torch.Tensor, task: int) -> torch.Tensor:
-        """The A bank as task ``task`` sees it after :meth:`transform`, FloatTensor[K_A, d_in]."""
-        return lora_A
-
-    def reset_banks(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
-        """Re-initialise the banks in place after the default init (MALoRA's SVD init); nothing by default."""
-
-    def step_end(self) -> None:
-        """Called by ``MixtureModel.step_end()`` after each optimizer step (e.g. SMoRA's bias update)."""
+from loramix.gating import balance_loss, expert_gates, one_hot_gates, token_mask, top_k_weights
+from loramix.mixers import Router
 
 
 class ConstantRouter(Router):
-    """Every component always on: a plain LoRA shared by all tasks."""
+    """Every component always on: a plain LoRA shared by all tasks (``mix`` is the identity)."""
 
     needs_task_ids = False
 
-    def forward(self, x: torch.Tensor, context: RoutingContext, layer_name: str) -> None:
+    def route(self, x: torch.Tensor, context: RoutingContext) -> None:
         return None
 
     def task_gate(self, task: int) -> torch.Tensor:
@@ -88,17 +42,12 @@ class TaskOneHotRouter(Router):
         self.rank = rank
         self.register_buffer("expert_of_task", expert_of_task.clone().long(), persistent=False)
 
-    def expert_gates(self, experts: torch.Tensor) -> torch.Tensor:
-        """One-hot gates over components for LongTensor[batch] of experts -> FloatTensor[batch, E*r]."""
-        onehot = nn.functional.one_hot(experts, self.num_experts).float()
-        return onehot.repeat_interleave(self.rank, dim=-1)
-
-    def forward(self, x: torch.Tensor, context: RoutingContext, layer_name: str) -> torch.Tensor:
+    def route(self, x: torch.Tensor, context: RoutingContext) -> torch.Tensor:
         tasks = context.task_ids_for(x.shape[0])
-        return self.expert_gates(self.expert_of_task[tasks]).to(x.dtype)
+        return one_hot_gates(self.expert_of_task[tasks], self.num_experts, self.rank).to(x.dtype)
 
     def task_gate(self, task: int) -> torch.Tensor:
-        return self.expert_gates(self.expert_of_task[task : task + 1])[0]
+        return one_hot_gates(self.expert_of_task[task : task + 1], self.num_experts, self.rank)[0]
 
 
 class TaskSoftmaxRouter(Router):
@@ -121,42 +70,13 @@ class TaskSoftmaxRouter(Router):
         """Softmax weights FloatTensor[batch, E] of LongTensor[batch] tasks."""
         return torch.softmax(self.gate(self.task_embedding(tasks)), dim=-1)
 
-    def forward(self, x: torch.Tensor, context: RoutingContext, layer_name: str) -> torch.Tensor:
+    def route(self, x: torch.Tensor, context: RoutingContext) -> torch.Tensor:
         tasks = context.task_ids_for(x.shape[0])
-        return self.expert_weights(tasks).repeat_interleave(self.rank, dim=-1).to(x.dtype)
+        return expert_gates(self.expert_weights(tasks), self.rank).to(x.dtype)
 
     def task_gate(self, task: int) -> torch.Tensor:
         device = self.task_embedding.weight.device
-        weights = self.expert_weights(torch.tensor([task], device=device))[0]
-        return weights.repeat_interleave(self.rank)
-
-
-def token_mask(x: torch.Tensor, context: RoutingContext) -> torch.Tensor | None:
-    """BoolTensor of x's leading shape marking real (non-pad) tokens, or ``None`` when unknown."""
-    if x.dim() != 3:
-        return None
-    mask = context.mask_for(x.shape[0], x.shape[1])
-    return None if mask is None else mask.bool()
-
-
-def balance_loss(probs: torch.Tensor, chosen: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Switch-style load-balancing loss ``E · Σ_e f_e · P_e`` over real tokens.
-
-    Args:
-        probs: FloatTensor[..., E], router probabilities.
-        chosen: FloatTensor[..., E], 1 where a token is sent to an expert (k ones per token).
-        mask: BoolTensor of the leading shape, or ``None`` for all tokens.
-
-    Returns:
-        A scalar; 1.0 when routing is perfectly uniform.
-    """
-    num_experts = probs.shape[-1]
-    probs, chosen = probs.reshape(-1, num_experts), chosen.reshape(-1, num_experts)
-    if mask is not None:
-        keep = mask.reshape(-1)
-        probs, chosen = probs[keep], chosen[keep]
-    fraction = chosen.sum(0) / chosen.sum().clamp(min=1.0)
-    return num_experts * (fraction * probs.mean(0)).sum()
+        return expert_gates(self.expert_weights(torch.tensor([task], device=device))[0], self.rank)
 
 
 class TokenSoftmaxRouter(Router):
@@ -170,26 +90,37 @@ class TokenSoftmaxRouter(Router):
         rank: r, components per expert.
         top_k: experts kept per token (``None``: all, dense).
         balance: add the load-balancing loss in training.
+        pairing: the A row of each B column (see :class:`~loramix.mixers.Router`); ``None``: one each.
     """
 
-    task_only = False
+    mergeable = False
     needs_task_ids = False
 
-    def __init__(self, in_features: int, num_experts: int, rank: int, top_k: int | None, balance: bool) -> None:
-        super().__init__(num_experts * rank)
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        rank: int,
+        top_k: int | None,
+        balance: bool,
+        pairing: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(num_experts * rank, pairing)
         self.rank = rank
         self.top_k = top_k if top_k is not None and top_k < num_experts else None
         self.balance = balance
         self.proj = nn.Linear(in_features, num_experts, bias=False)
 
-    def forward(self, x: torch.Tensor, context: RoutingContext, layer_name: str) -> torch.Tensor:
+    def expert_weights(self, x: torch.Tensor, context: RoutingContext) -> torch.Tensor:
+        """Per-token expert weights FloatTensor[..., E] (top-k renormalised), adding the balance loss in training."""
         probs = torch.softmax(self.proj(x.to(self.proj.weight.dtype)).float(), dim=-1)
         if self.top_k is None:
             weights, chosen = probs, torch.ones_like(probs)
         else:
-            top_values, top_index = probs.topk(self.top_k, dim=-1)
-            weights = torch.zeros_like(probs).scatter(-1, top_index, top_values / top_values.sum(-1, keepdim=True))
-            chosen = torch.zeros_like(probs).scatter(-1, top_index, 1.0)
+            weights, chosen = top_k_weights(probs, self.top_k)
         if self.balance and self.training:
             context.aux_losses["balance"].append(balance_loss(probs, chosen, token_mask(x, context)))
-        return weights.repeat_interleave(self.rank, dim=-1).to(x.dtype)
+        return weights
+
+    def route(self, x: torch.Tensor, context: RoutingContext) -> torch.Tensor:
+        return expert_gates(self.expert_weights(x, context), self.rank).to(x.dtype)

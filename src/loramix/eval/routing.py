@@ -79,7 +79,7 @@ def routing_summary(
     Returns:
         ``{"kind": "gate" | "experts", "tasks": {task: {layer: weights}}}``.
     """
-    if all(layer.router.task_only for layer in model.mixture_layers().values()):
+    if all(layer.mergeable for layer in model.mixture_layers().values()):
         return {"kind": "gate", "tasks": task_gates(model)}
     config = model.mixture_config
     num_experts = max(config.num_experts, config.num_tasks)

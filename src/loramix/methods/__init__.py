@@ -5,6 +5,7 @@ from loramix.methods import (  # noqa: F401  (registration)
     hydralora,
     lora,
     malora,
+    melora,
     mixlora,
     moa,
     mode,

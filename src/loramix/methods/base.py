@@ -1,12 +1,19 @@
-"""What a method is: a preset of banks, router and losses over the shared mixture layer."""
+"""What a method is: a preset of banks, mixer and losses over the shared mixture layer.
+
+The layer computes ``h = W0 x + s · B · mix(A · dropout(x))`` for every method. A method says how large
+the banks A (K_A × d_in) and B (d_out × K_B) are (:meth:`Method.bank_sizes`, and whether they are
+block-diagonal, :meth:`Method.bank_blocks`), the scale s, and builds the layer's mixer
+(:meth:`Method.make_mixer`), which owns everything else: routing, auxiliary losses, and how a task merges.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from loramix.routers import Router
+from loramix.methods.options import MethodOptions
+from loramix.mixers import Mixer, shared_pairing
 
 if TYPE_CHECKING:
     from loramix.config import MixtureConfig
@@ -20,22 +27,24 @@ class Method:
     Attributes:
         name: the registered name used in ``MixtureConfig.method``.
         default_aux_loss_weight: weight of the method's auxiliary loss when the config gives none.
-        options: the keys of ``MixtureConfig.method_options`` the method reads.
+        Options: the dataclass of the method's ``MixtureConfig.method_options`` (see
+            :mod:`loramix.methods.options`); the base class takes none.
         top_k_of: the field whose count ``top_k`` selects among (``"num_experts"`` or ``"r"``), or ``None``
             for methods without top-k routing (they reject ``top_k``).
     """
 
     name: ClassVar[str] = ""
     default_aux_loss_weight: ClassVar[float] = 0.0
-    options: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
     top_k_of: ClassVar[str | None] = None
 
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
         """Reject settings this method cannot honour (raise ``ConfigError`` naming the field).
 
-        The base check rejects ``method_options`` keys outside :attr:`options` and a ``top_k`` the method
-        cannot honour (no top-k routing, or more than it selects among); subclasses add their own checks.
+        The base check parses ``method_options`` into :attr:`Options` (unknown keys, types and bounds) and
+        rejects a ``top_k`` the method cannot honour (no top-k routing, or more than it selects among);
+        subclasses add their own checks.
         """
         from loramix.config import ConfigError
 
@@ -51,17 +60,16 @@ class Method:
                     f"MixtureConfig.top_k={config.top_k} is invalid: at most {cls.top_k_of}={count} for "
                     f"{cls.name!r} (it selects top_k of {count})"
                 )
+        cls.options(config)
 
-        if config.method_options and not cls.options:
-            raise ConfigError(
-                f"MixtureConfig.method_options={config.method_options!r} is invalid: method {cls.name!r} "
-                "takes no options"
-            )
-        unknown = sorted(set(config.method_options) - set(cls.options))
-        if unknown:
-            raise ConfigError(
-                f"MixtureConfig.method_options has unknown keys {unknown} for {cls.name!r}; known: {list(cls.options)}"
-            )
+    @classmethod
+    def options(cls, config: MixtureConfig) -> Any:
+        """The method's typed options, parsed from ``config.method_options`` with their defaults filled in.
+
+        Raises:
+            ConfigError: an unknown option, or a value of the wrong type or out of bounds (naming it).
+        """
+        return cls.Options.parse(cls.name, config)
 
     @classmethod
     def bank_sizes(cls, config: MixtureConfig) -> tuple[int, int]:
@@ -70,9 +78,14 @@ class Method:
         return size, size
 
     @classmethod
-    def a_index(cls, config: MixtureConfig) -> torch.Tensor | None:
-        """LongTensor[K_B] mapping each B column to the A row it pairs with, or ``None`` for identity."""
-        return None
+    def bank_blocks(cls, config: MixtureConfig) -> int:
+        """n, the number of diagonal blocks of the banks (1: dense banks).
+
+        With n > 1 (MELoRA) the input and output are split into n equal slices; A's rows ``i·K_A/n ..`` read
+        only input slice i and B's columns ``i·K_B/n ..`` write only output slice i. The layer stores just the
+        blocks: A as [K_A, d_in / n], B as [d_out / n, K_B].
+        """
+        return 1
 
     @classmethod
     def scale(cls, config: MixtureConfig) -> float:
@@ -80,8 +93,8 @@ class Method:
         return config.scale
 
     @classmethod
-    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
-        """The router of one adapted layer."""
+    def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
+        """The mixer of one adapted layer of shape ``d_out × d_in``."""
         raise NotImplementedError
 
     @classmethod
@@ -112,8 +125,9 @@ class SharedDownProjection(Method):
         return config.r, config.r * config.num_experts
 
     @classmethod
-    def a_index(cls, config: MixtureConfig) -> torch.Tensor:
-        return torch.arange(config.r).repeat(config.num_experts)
+    def pairing(cls, config: MixtureConfig) -> torch.Tensor:
+        """The A row (of r) each of the E·r B columns pairs with, LongTensor[E * r]."""
+        return shared_pairing(config.r, config.num_experts)
 
 
 _REGISTRY: dict[str, type[Method]] = {}

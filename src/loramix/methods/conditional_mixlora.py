@@ -20,35 +20,42 @@ receive the gradient of their chosen probabilities. Per sequence and input-depen
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from loramix.config import ConfigError, MixtureConfig, check_option
+from loramix.config import ConfigError, MixtureConfig
 from loramix.context import RoutingContext
+from loramix.gating import pool_sequences, straight_through, token_mask
 from loramix.methods.base import Method, register_method
-from loramix.routers import Router, token_mask
+from loramix.methods.options import MethodOptions
+from loramix.mixers import Mixer
 
 
-def _straight_through(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    chosen = torch.softmax(scores, dim=-1).gather(-1, index)
-    return chosen - chosen.detach() + 1.0
+@dataclass(frozen=True)
+class ConditionalMixLoRAOptions(MethodOptions):
+    """Conditional MixLoRA's ``method_options``: the conditional term of B's scores on or off."""
+
+    conditional: bool = True
 
 
-class FactorSelectionRouter(Router):
+def _chosen_weight(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return straight_through(torch.softmax(scores, dim=-1).gather(-1, index))
+
+
+class FactorSelectionMixer(Mixer):
     """Per-sequence top-r selection of A and B factors from pools of E, paired in score order."""
 
-    task_only = False
+    mergeable = False
     needs_task_ids = False
 
     def __init__(self, in_features: int, pool_size: int, rank: int, conditional: bool) -> None:
-        super().__init__(pool_size)
+        super().__init__(pool_size, pool_size)
         self.rank = rank
         self.select_a = nn.Linear(in_features, pool_size, bias=False)
         self.select_b = nn.Linear(in_features, pool_size, bias=False)
         self.condition = nn.Parameter(torch.zeros(rank, in_features, pool_size)) if conditional else None
-
-    def forward(self, x: torch.Tensor, context: RoutingContext, layer_name: str) -> None:
-        return None
 
     def selection(
         self, x: torch.Tensor, lora_A: torch.Tensor, context: RoutingContext
@@ -64,13 +71,7 @@ class FactorSelectionRouter(Router):
             (idx_A, idx_B, weights), each [batch, r]: paired A and B factor ids and straight-through weights.
         """
         dtype = self.select_a.weight.dtype
-        if x.dim() == 2:
-            pooled = x.to(dtype)
-        else:
-            mask = token_mask(x, context)
-            weights = torch.ones(x.shape[:2], device=x.device) if mask is None else mask.float()
-            weights = weights.to(dtype).unsqueeze(-1)
-            pooled = (x.to(dtype) * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        pooled = pool_sequences(x.to(dtype), token_mask(x, context))
         scores_a = self.select_a(pooled)
         index_a = scores_a.topk(self.rank, dim=-1).indices
         scores_b = self.select_b(pooled)
@@ -79,11 +80,9 @@ class FactorSelectionRouter(Router):
             affinity = torch.einsum("bkd,kde->bke", chosen_a, self.condition)
             scores_b = scores_b + torch.softmax(affinity, dim=-1).sum(1)
         index_b = scores_b.topk(self.rank, dim=-1).indices
-        return index_a, index_b, _straight_through(scores_a, index_a) * _straight_through(scores_b, index_b)
+        return index_a, index_b, _chosen_weight(scores_a, index_a) * _chosen_weight(scores_b, index_b)
 
-    def transform(
-        self, hidden: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, context: RoutingContext
-    ) -> torch.Tensor:
+    def mix(self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor) -> torch.Tensor:
         index_a, index_b, weights = self.selection(x, lora_A, context)
         middle = [1] * (hidden.dim() - 2)
         shape = (hidden.shape[0], *hidden.shape[1:-1], self.rank)
@@ -98,7 +97,7 @@ class ConditionalMixLoRA(Method):
     """Conditional MixLoRA: a per-sequence rank-r LoRA assembled from pools of E rank-1 factors."""
 
     name = "conditional_mixlora"
-    options = ("conditional",)
+    Options = ConditionalMixLoRAOptions
 
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
@@ -108,14 +107,11 @@ class ConditionalMixLoRA(Method):
                 f"MixtureConfig.r={config.r} is invalid: 'conditional_mixlora' selects r factors from pools of "
                 f"num_experts={config.num_experts}"
             )
-        conditional = config.method_options.get("conditional", True)
-        check_option(cls.name, "conditional", conditional, isinstance(conditional, bool), "true or false (a boolean)")
 
     @classmethod
     def bank_sizes(cls, config: MixtureConfig) -> tuple[int, int]:
         return config.num_experts, config.num_experts
 
     @classmethod
-    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
-        conditional = bool(config.method_options.get("conditional", True))
-        return FactorSelectionRouter(in_features, config.num_experts, config.r, conditional)
+    def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
+        return FactorSelectionMixer(in_features, config.num_experts, config.r, cls.options(config).conditional)

@@ -1,7 +1,7 @@
 """``hydralora``: HydraLoRA (NeurIPS 2024), one shared down-projection A and E up-projection heads.
 
 ``h = W0 x + s Σ_i w_i(x) B_i A x`` with a dense per-token softmax router ``w(x) = softmax(W_r x)``. The
-A bank has r rows (shared); the B bank has E·r columns, and ``a_index`` pairs head i's column q with A's
+A bank has r rows (shared); the B bank has E·r columns, and the router pairs head i's column q with A's
 row q. The route depends on the input, so a task cannot be merged or exported.
 """
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from loramix.config import MixtureConfig
 from loramix.methods.base import SharedDownProjection, register_method
-from loramix.routers import Router, TokenSoftmaxRouter
+from loramix.mixers import Mixer
+from loramix.routers import TokenSoftmaxRouter
 
 
 @register_method
@@ -20,5 +21,7 @@ class HydraLoRA(SharedDownProjection):
     top_k_of = "num_experts"
 
     @classmethod
-    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
-        return TokenSoftmaxRouter(in_features, config.num_experts, config.r, top_k=config.top_k, balance=False)
+    def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
+        return TokenSoftmaxRouter(
+            in_features, config.num_experts, config.r, top_k=config.top_k, balance=False, pairing=cls.pairing(config)
+        )

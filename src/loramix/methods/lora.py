@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from loramix.config import ConfigError, MixtureConfig
 from loramix.methods.base import Method, register_method
-from loramix.routers import ConstantRouter, Router
+from loramix.mixers import Mixer
+from loramix.routers import ConstantRouter
 
 
 @register_method
@@ -20,5 +21,5 @@ class LoRA(Method):
             raise ConfigError(f"MixtureConfig.num_experts={config.num_experts} is invalid: 'lora' has 1 expert")
 
     @classmethod
-    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
+    def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
         return ConstantRouter(config.r)

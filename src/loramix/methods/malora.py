@@ -13,42 +13,43 @@ truncated to rank d by SVD, ``[W_1; …; W_N] ≈ U Σ V₀ᵀ``; then ``S_A = �
 matrix (β = ``method_options["balance_factor"]``, default 1). The router's load-balancing loss goes to
 ``aux_losses["balance"]`` with weight ``aux_loss_weight`` (default 0.001; 0.01 in the paper's appendix).
 
-In bank form: the A bank is S_A (d rows), the router's :meth:`transform` applies the stacked P_t
-(N·r̄ × d), and the B bank holds the B_t side by side. Token-level, so not mergeable.
+In bank form: the A bank is S_A (d rows), the mixer applies the stacked P_t (N·r̄ × d) to ``S_A x`` and
+gates the result per token, and the B bank holds the B_t side by side. Token-level, so not mergeable.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from loramix.config import MixtureConfig, check_option, is_count, is_number
+from loramix.config import MixtureConfig
 from loramix.context import RoutingContext
 from loramix.methods.base import Method, register_method
-from loramix.routers import Router, TokenSoftmaxRouter
+from loramix.methods.options import MethodOptions, option
+from loramix.mixers import Mixer
+from loramix.routers import TokenSoftmaxRouter
 
-OPTIONS = ("subspace_rank", "balance_factor")
 
-
-class SubspaceRouter(TokenSoftmaxRouter):
-    """MALoRA's top-k token router, plus the per-expert projections P_t from the shared subspace."""
+class SubspaceMixer(TokenSoftmaxRouter):
+    """MALoRA's mixer: the per-expert projections P_t from the shared subspace, gated by a top-k token router."""
 
     def __init__(
         self, in_features: int, num_experts: int, wide_rank: int, subspace_rank: int, top_k: int, beta: float
     ) -> None:
         super().__init__(in_features, num_experts, wide_rank, top_k=top_k, balance=True)
+        self.bank_a = subspace_rank
         self.beta = beta
         self.expert_proj = nn.Parameter(torch.zeros(num_experts * wide_rank, subspace_rank))
 
-    def transform(
-        self, hidden: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, context: RoutingContext
-    ) -> torch.Tensor:
-        return hidden @ self.expert_proj.T.to(hidden.dtype)
+    def mix(self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor) -> torch.Tensor:
+        return (hidden @ self.expert_proj.T.to(hidden.dtype)) * self.route(x, context)
 
     @torch.no_grad()
-    def reset_banks(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    def init_banks(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         subspace_rank, in_features = lora_A.shape
         stacked = torch.empty(self.expert_proj.shape[0], in_features, dtype=torch.float32)
         nn.init.kaiming_uniform_(stacked, a=math.sqrt(5))
@@ -57,11 +58,20 @@ class SubspaceRouter(TokenSoftmaxRouter):
         self.expert_proj.copy_(left[:, :subspace_rank] * singular[:subspace_rank] / self.beta)
 
 
-def _sizes(config: MixtureConfig) -> tuple[int, int]:
-    """(d, r̄): the shared subspace's rank and each expert's widened rank."""
-    total = config.r * config.num_experts
-    subspace = int(config.method_options.get("subspace_rank", max(1, total // 2)))
-    return subspace, config.r + (total - subspace) // config.num_experts
+@dataclass(frozen=True)
+class MALoRAOptions(MethodOptions):
+    """MALoRA's ``method_options``: d, the shared subspace's rank (default r·N / 2), and β."""
+
+    subspace_rank: int | None = option(None, low=1)
+    balance_factor: float = option(1.0, above=0)
+
+    def resolve(self, method: str, config: MixtureConfig) -> MALoRAOptions:
+        total = config.r * config.num_experts
+        if self.subspace_rank is None:
+            return dataclasses.replace(self, subspace_rank=max(1, total // 2))
+        if self.subspace_rank > total:
+            self.fail(method, "subspace_rank", self.subspace_rank, f"an integer in [1, r * num_experts = {total}]")
+        return self
 
 
 @register_method
@@ -70,36 +80,27 @@ class MALoRA(Method):
 
     name = "malora"
     top_k_of = "num_experts"
-    options = OPTIONS
+    Options = MALoRAOptions
     default_aux_loss_weight = 0.001
 
     @classmethod
-    def validate(cls, config: MixtureConfig) -> None:
-        super().validate(config)
-        total = config.r * config.num_experts
-        subspace = config.method_options.get("subspace_rank", max(1, total // 2))
-        check_option(
-            cls.name,
-            "subspace_rank",
-            subspace,
-            is_count(subspace, 1, total),
-            f"an integer in [1, r * num_experts = {total}]",
-        )
-        beta = config.method_options.get("balance_factor", 1.0)
-        check_option(cls.name, "balance_factor", beta, is_number(beta) and beta > 0, "a finite number > 0")
+    def sizes(cls, config: MixtureConfig) -> tuple[int, int]:
+        """(d, r̄): the shared subspace's rank and each expert's widened rank."""
+        subspace = cls.options(config).subspace_rank
+        return subspace, config.r + (config.r * config.num_experts - subspace) // config.num_experts
 
     @classmethod
     def bank_sizes(cls, config: MixtureConfig) -> tuple[int, int]:
-        subspace, wide = _sizes(config)
+        subspace, wide = cls.sizes(config)
         return subspace, wide * config.num_experts
 
     @classmethod
     def scale(cls, config: MixtureConfig) -> float:
-        return config.lora_alpha / _sizes(config)[1]
+        return config.lora_alpha / cls.sizes(config)[1]
 
     @classmethod
-    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
-        subspace, wide = _sizes(config)
+    def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
+        subspace, wide = cls.sizes(config)
         top_k = 2 if config.top_k is None else config.top_k
-        beta = float(config.method_options.get("balance_factor", 1.0))
-        return SubspaceRouter(in_features, config.num_experts, wide, subspace, top_k, beta)
+        beta = cls.options(config).balance_factor
+        return SubspaceMixer(in_features, config.num_experts, wide, subspace, top_k, beta)

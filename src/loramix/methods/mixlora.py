@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from loramix.config import MixtureConfig
 from loramix.methods.base import Method, register_method
-from loramix.routers import Router, TokenSoftmaxRouter
+from loramix.mixers import Mixer
+from loramix.routers import TokenSoftmaxRouter
 
 
 @register_method
@@ -29,6 +30,6 @@ class MixLoRA(Method):
     default_aux_loss_weight = 0.01
 
     @classmethod
-    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
+    def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
         top_k = 2 if config.top_k is None else config.top_k
         return TokenSoftmaxRouter(in_features, config.num_experts, config.r, top_k=top_k, balance=True)

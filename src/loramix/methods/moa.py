@@ -25,7 +25,7 @@ Decisions where the paper is silent:
 - **Gate**: ``"top1"`` (default) uses the argmax expert with weight exactly 1 in the forward and a
   straight-through gradient of its probability (the LM loss also teaches the router); ``"soft"`` weighs
   every expert by its softmax probability.
-- **Generate**: the route chosen on the prompt is cached in ``context.cache[layer_name]`` and reused for
+- **Generate**: the route chosen on the prompt is cached in ``context.cache`` (by layer name) and reused for
   every decoding step, which sees a single token. The cache is read only without autograd (``generate``
   runs under ``no_grad``), so a checkpointed layer recomputed in the backward pass routes again, to the
   same result, with its gradient.
@@ -33,38 +33,31 @@ Decisions where the paper is silent:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramix.config import MixtureConfig, check_option
+from loramix.config import MixtureConfig
 from loramix.context import RoutingContext
+from loramix.gating import expert_gates, one_hot_gates, pool_sequences, straight_through
 from loramix.methods.base import Method, register_method, require_one_expert_per_task
-from loramix.routers import Router
+from loramix.methods.options import MethodOptions, option
+from loramix.mixers import Mixer, Router
 
 ROUTE_BY = ("router", "label")
 GATES = ("top1", "soft")
 ROUTER_LOSS = "router"
 
 
-def pool_sequences(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of a layer input over each sequence's non-pad tokens.
+@dataclass(frozen=True)
+class MoAOptions(MethodOptions):
+    """MoA's ``method_options``: the routing mode and the gate (see the module docstring)."""
 
-    Args:
-        x: FloatTensor[batch, seq, d_in] (or [batch, d_in], returned as is).
-        mask: LongTensor[batch, seq] (1 = real token) or ``None`` to average over all tokens.
-
-    Returns:
-        FloatTensor[batch, d_in].
-    """
-    if x.dim() == 2:
-        return x
-    if mask is None:
-        return x.mean(dim=1)
-    weights = mask.to(x.dtype).unsqueeze(-1)
-    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+    route_by: str = option("router", choices=ROUTE_BY)
+    gate: str = option("top1", choices=GATES)
 
 
 class DomainRouter(Router):
@@ -89,7 +82,7 @@ class DomainRouter(Router):
         nn.init.zeros_(self.classifier.bias)
 
     @property
-    def task_only(self) -> bool:
+    def mergeable(self) -> bool:
         """With ``route_by="label"`` the gate depends on the domain alone (mergeable)."""
         return self.route_by == "label"
 
@@ -100,18 +93,18 @@ class DomainRouter(Router):
 
     def expert_gates(self, experts: torch.Tensor) -> torch.Tensor:
         """One-hot gates LongTensor[batch] -> FloatTensor[batch, E*r]."""
-        return F.one_hot(experts, self.num_domains).float().repeat_interleave(self.rank, dim=-1)
+        return one_hot_gates(experts, self.num_domains, self.rank)
 
     def logits(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Router logits FloatTensor[batch, E] of a layer input FloatTensor[batch, seq, d_in]."""
         pooled = pool_sequences(x.detach(), mask).to(self.classifier.weight.dtype)
         return self.classifier(pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + 1e-6))
 
-    def forward(self, x: torch.Tensor, context: RoutingContext, layer_name: str) -> torch.Tensor:
+    def route(self, x: torch.Tensor, context: RoutingContext) -> torch.Tensor:
         """Gate FloatTensor[batch, E*r] for the layer input x of shape [batch, seq, d_in]."""
         if self.route_by == "label":
             return self.expert_gates(context.task_ids_for(x.shape[0])).to(x.dtype)
-        cached = context.cache.get(layer_name)
+        cached = context.cache.get(self.layer_name)
         if cached is not None and not torch.is_grad_enabled() and cached.shape[0] == x.shape[0]:
             return cached
         seq_len = x.shape[1] if x.dim() > 2 else 1
@@ -122,19 +115,24 @@ class DomainRouter(Router):
             weights = probs
         else:
             chosen = probs.gather(1, experts[:, None])
-            weights = F.one_hot(experts, self.num_domains).float() * (chosen - chosen.detach() + 1.0)
-        gate = weights.repeat_interleave(self.rank, dim=-1).to(x.dtype)
-        self._record(context, layer_name, logits, experts)
-        context.cache[layer_name] = gate.detach()
+            weights = F.one_hot(experts, self.num_domains).float() * straight_through(chosen)
+        gate = expert_gates(weights, self.rank).to(x.dtype)
+        self._record(context, logits, experts)
+        context.cache[self.layer_name] = gate.detach()
         return gate
 
-    def _record(self, context: RoutingContext, layer_name: str, logits: torch.Tensor, experts: torch.Tensor) -> None:
+    def _record(self, context: RoutingContext, logits: torch.Tensor, experts: torch.Tensor) -> None:
+        """Leave the chosen experts (and, with labels, the router loss and accuracy) in the context.
+
+        The accuracy stays a 0-dim tensor (no host sync in the forward; :func:`loramix.moa.router_accuracy`
+        reads it as a float).
+        """
         record: dict[str, Any] = {"experts": experts.detach().cpu()}
         if context.task_ids is not None:
             labels = context.task_ids_for(logits.shape[0])
             context.aux_losses[ROUTER_LOSS].append(F.cross_entropy(logits.float(), labels))
-            record["accuracy"] = float((experts == labels).float().mean())
-        context.records[layer_name] = record
+            record["accuracy"] = (experts == labels).float().mean().detach()
+        context.records[self.layer_name] = record
 
     def task_gate(self, task: int) -> torch.Tensor:
         """The gate of one domain, FloatTensor[E*r]; only with ``route_by="label"``.
@@ -142,7 +140,7 @@ class DomainRouter(Router):
         Raises:
             TypeError: the router picks the expert from the input.
         """
-        if not self.task_only:
+        if not self.mergeable:
             raise TypeError(
                 "moa routes by its router, so a domain has no fixed weights; switch to label routing "
                 "(loramix.moa.route_by(model, 'label')) to merge or export a domain"
@@ -159,19 +157,15 @@ class MoA(Method):
     """
 
     name = "moa"
-    options = ("route_by", "gate")
+    Options = MoAOptions
     default_aux_loss_weight = 1.0
 
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
         super().validate(config)
-        for key, allowed in (("route_by", ROUTE_BY), ("gate", GATES)):
-            value = config.method_options.get(key, allowed[0])
-            check_option(cls.name, key, value, isinstance(value, str) and value in allowed, f"one of {allowed}")
         require_one_expert_per_task(config, cls.name, task_word="domain")
 
     @classmethod
-    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
-        route_by = config.method_options.get("route_by", "router")
-        gate = config.method_options.get("gate", "top1")
-        return DomainRouter(in_features, config.num_tasks, config.r, route_by, gate)
+    def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
+        options = cls.options(config)
+        return DomainRouter(in_features, config.num_tasks, config.r, options.route_by, options.gate)

@@ -14,23 +14,24 @@ from torch import nn
 from loramix.config import MixtureConfig
 from loramix.context import RoutingContext
 from loramix.methods.base import SharedDownProjection, register_method
-from loramix.routers import Router
+from loramix.mixers import Mixer, Router
 
 
 class DyadicRouter(Router):
     """One softmax over m experts per rank slot, per token; gate laid out expert-major (``i·r + j``)."""
 
-    task_only = False
+    mergeable = False
     needs_task_ids = False
 
-    def __init__(self, in_features: int, num_experts: int, rank: int) -> None:
-        super().__init__(num_experts * rank)
+    def __init__(self, in_features: int, num_experts: int, rank: int, pairing: torch.Tensor) -> None:
+        super().__init__(num_experts * rank, pairing)
         self.num_experts = num_experts
         self.rank = rank
         self.proj = nn.Linear(in_features, rank * num_experts, bias=False)
 
-    def forward(self, x: torch.Tensor, context: RoutingContext, layer_name: str) -> torch.Tensor:
-        logits = self.proj(x.to(self.proj.weight.dtype)).float().unflatten(-1, (self.rank, self.num_experts))
+    def route(self, x: torch.Tensor, context: RoutingContext) -> torch.Tensor:
+        logits = self.proj(x.to(self.proj.weight.dtype)).float()
+        logits = logits.reshape(*logits.shape[:-1], self.rank, self.num_experts)
         probs = torch.softmax(logits, dim=-1)  # [..., r, m]: each slot's weights over experts
         return probs.transpose(-1, -2).flatten(-2).to(x.dtype)
 
@@ -42,5 +43,5 @@ class MoDE(SharedDownProjection):
     name = "mode"
 
     @classmethod
-    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
-        return DyadicRouter(in_features, config.num_experts, config.r)
+    def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
+        return DyadicRouter(in_features, config.num_experts, config.r, cls.pairing(config))

@@ -44,104 +44,41 @@ Options (``method_options``), with their defaults:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramix.config import ConfigError, MixtureConfig, is_number
+from loramix.config import ConfigError, MixtureConfig
 from loramix.context import RoutingContext
+from loramix.gating import POOLINGS, pool_sequences, straight_through
 from loramix.methods.base import Method, register_method
-from loramix.routers import Router
-
-POOLINGS = ("first", "mean")
-_BOOL_OPTIONS = ("linear_scaling", "task_embedding", "contrastive", "straight_through")
-
-
-def _fail(option: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"MixtureConfig.method_options[{option!r}]={value!r} is invalid for 'more': expected {allowed}")
+from loramix.methods.options import MethodOptions, option
+from loramix.mixers import Mixer, Router
 
 
 @dataclass(frozen=True)
-class MoREOptions:
-    """MoRE's validated ``method_options`` (see the module docstring)."""
+class MoREOptions(MethodOptions):
+    """MoRE's ``method_options`` (see the module docstring); after parsing every field is filled in."""
 
-    candidate_ranks: tuple[int, ...]
+    candidate_ranks: tuple[int, ...] | None = option(None, low=1)
     linear_scaling: bool = True
     task_embedding: bool = True
-    contrastive: bool = True
+    contrastive: bool | None = None
     straight_through: bool = True
-    temperature: float = 0.05
-    contrastive_pooling: str = "first"
+    temperature: float = option(0.05, above=0)
+    contrastive_pooling: str = option("first", choices=POOLINGS)
 
-    @classmethod
-    def from_config(cls, config: MixtureConfig) -> MoREOptions:
-        """Read and check ``config.method_options``.
-
-        Raises:
-            ConfigError: an unknown option, or a value of the wrong type or range (naming the option).
-        """
-        options = dict(config.method_options)
-        known = {"candidate_ranks", "temperature", "contrastive_pooling", *_BOOL_OPTIONS}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(
-                f"MixtureConfig.method_options has unknown keys {unknown} for 'more'; known: {sorted(known)}"
-            )
-        ranks = options.get("candidate_ranks", list(range(1, config.r + 1)))
-        if not (
-            isinstance(ranks, (list, tuple))
-            and ranks
-            and all(type(rank) is int and 1 <= rank <= config.r for rank in ranks)
-            and len(set(ranks)) == len(ranks)
-        ):
-            _fail("candidate_ranks", ranks, f"a non-empty list of distinct ranks in 1..r={config.r}")
-        for name in _BOOL_OPTIONS:
-            if name in options and not isinstance(options[name], bool):
-                _fail(name, options[name], "true or false")
-        task_embedding = options.get("task_embedding", True)
-        contrastive = options.get("contrastive", task_embedding)
-        if contrastive and not task_embedding:
-            _fail("contrastive", contrastive, "false when task_embedding is false")
-        temperature = options.get("temperature", 0.05)
-        if not is_number(temperature) or temperature <= 0:
-            _fail("temperature", temperature, "a finite positive number")
-        pooling = options.get("contrastive_pooling", "first")
-        if not isinstance(pooling, str) or pooling not in POOLINGS:
-            _fail("contrastive_pooling", pooling, f"one of {list(POOLINGS)}")
-        return cls(
-            candidate_ranks=tuple(sorted(ranks)),
-            linear_scaling=options.get("linear_scaling", True),
-            task_embedding=task_embedding,
-            contrastive=contrastive,
-            straight_through=options.get("straight_through", True),
-            temperature=float(temperature),
-            contrastive_pooling=pooling,
-        )
-
-
-def pool_sequences(x: torch.Tensor, pooling: str, mask: torch.Tensor | None) -> torch.Tensor:
-    """One vector per sequence from a layer input.
-
-    Args:
-        x: FloatTensor[batch, seq, d_in] (or [batch, d_in], returned as is).
-        pooling: ``"first"`` (the first token) or ``"mean"`` (mean over the tokens where ``mask`` is 1).
-        mask: LongTensor[batch, seq] or ``None`` (every token counts).
-
-    Returns:
-        FloatTensor[batch, d_in].
-    """
-    if x.dim() == 2:
-        return x
-    x = x.reshape(x.shape[0], -1, x.shape[-1])
-    if pooling == "first":
-        return x[:, 0]
-    if mask is None:
-        return x.mean(dim=1)
-    weights = mask.to(x.dtype).unsqueeze(-1)
-    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+    def resolve(self, method: str, config: MixtureConfig) -> MoREOptions:
+        ranks = tuple(range(1, config.r + 1)) if self.candidate_ranks is None else self.candidate_ranks
+        if max(ranks) > config.r or len(set(ranks)) != len(ranks):
+            self.fail(method, "candidate_ranks", list(ranks), f"a non-empty list of distinct ranks in 1..r={config.r}")
+        contrastive = self.task_embedding if self.contrastive is None else self.contrastive
+        if contrastive and not self.task_embedding:
+            self.fail(method, "contrastive", contrastive, "false when task_embedding is false")
+        return dataclasses.replace(self, candidate_ranks=tuple(sorted(ranks)), contrastive=contrastive)
 
 
 class RankSelectorRouter(Router):
@@ -191,7 +128,7 @@ class RankSelectorRouter(Router):
         if self.options.straight_through:
             choice = probs.argmax(dim=-1)
             chosen = probs.gather(-1, choice[:, None])
-            gates = self.prefix_masks[choice] * (chosen - chosen.detach() + 1.0)
+            gates = self.prefix_masks[choice] * straight_through(chosen)
         else:
             gates = probs @ self.prefix_masks
         return gates * self.component_scaling
@@ -208,11 +145,11 @@ class RankSelectorRouter(Router):
             Scalar ``CE(cos(pool(x), E) / τ, tasks)``.
         """
         mask = context.mask_for(x.shape[0], x.shape[1]) if x.dim() == 3 else None
-        pooled = pool_sequences(x, self.options.contrastive_pooling, mask).to(self.task_embedding.dtype)
+        pooled = pool_sequences(x, mask, self.options.contrastive_pooling).to(self.task_embedding.dtype)
         cosine = F.normalize(pooled, dim=-1) @ F.normalize(self.task_embedding, dim=-1).T
         return F.cross_entropy(cosine / self.options.temperature, tasks)
 
-    def forward(self, x: torch.Tensor, context: RoutingContext, layer_name: str) -> torch.Tensor:
+    def route(self, x: torch.Tensor, context: RoutingContext) -> torch.Tensor:
         """Gate FloatTensor[batch, R] for x of shape [batch, ..., d_in]; each row uses its own task's gate."""
         tasks = context.task_ids_for(x.shape[0])
         if self.training and self.options.contrastive:
@@ -228,6 +165,7 @@ class MoRE(Method):
     """MoRE: nested rank-prefix experts of one rank-R LoRA, an adaptive rank selector per layer and task."""
 
     name = "more"
+    Options = MoREOptions
     default_aux_loss_weight = 0.1
 
     @classmethod
@@ -242,8 +180,8 @@ class MoRE(Method):
                 f"MixtureConfig.num_experts={config.num_experts} is invalid: 'more' has one LoRA of rank r "
                 "whose experts are its rank prefixes (choose them with method_options['candidate_ranks'])"
             )
-        MoREOptions.from_config(config)
+        cls.options(config)
 
     @classmethod
-    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
-        return RankSelectorRouter(config.num_tasks, in_features, config.r, MoREOptions.from_config(config))
+    def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
+        return RankSelectorRouter(config.num_tasks, in_features, config.r, cls.options(config))

@@ -5,31 +5,42 @@ shared up-projections B_j (zero at start), and per task t a learned r × r matri
 and mixing logits w_t over the B_j (τ = ``method_options["temperature"]``, default 0.1; n = ``num_experts``,
 MTL-LoRA's default 3). ``method_options["diagonal"]: true`` keeps Λ_t diagonal.
 
-In bank form: the A bank has r rows, the router's :meth:`transform` applies Λ_t to ``A x`` row by row,
-the B bank holds the n B_j side by side (column ``j·r + q`` pairs with row q), and the gate repeats
-``softmax(w_t / τ)_j`` over B_j's r columns. Everything depends on the task alone, so a task merges, and
-exports as a rank-n·r PEFT LoRA whose A is ``Λ_t A`` repeated per B_j.
+In bank form: the A bank has r rows and the B bank holds the n B_j side by side; the mixer applies Λ_t to
+``A x`` and feeds the result to every B_j weighted by ``softmax(w_t / τ)_j``, so its task matrix is
+``M_t = [w_1 Λ_t; …; w_n Λ_t]`` (n·r × r). Everything depends on the task alone, so a task merges, and
+exports as a rank-n·r PEFT LoRA whose A is ``M_t A``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from loramix.config import MixtureConfig, check_option, is_number
+from loramix.config import MixtureConfig
 from loramix.context import RoutingContext
+from loramix.gating import expert_gates
 from loramix.methods.base import SharedDownProjection, register_method
-from loramix.routers import Router
+from loramix.methods.options import MethodOptions, option
+from loramix.mixers import Mixer
 
-OPTIONS = ("temperature", "diagonal")
+
+@dataclass(frozen=True)
+class MTLLoRAOptions(MethodOptions):
+    """MTL-LoRA's ``method_options``: τ of the mixing softmax, and a diagonal Λ_t."""
+
+    temperature: float = option(0.1, above=0)
+    diagonal: bool = False
 
 
-class TaskTransformRouter(Router):
-    """Per-task r × r transform of ``A x`` and per-task softmax weights over n up-projections."""
+class TaskTransformMixer(Mixer):
+    """Per-task r × r transform of ``A x``, fed to n up-projections with per-task softmax weights."""
 
     def __init__(self, num_tasks: int, rank: int, num_up: int, temperature: float, diagonal: bool) -> None:
-        super().__init__(rank * num_up)
+        super().__init__(rank, rank * num_up)
         self.rank = rank
+        self.num_up = num_up
         self.temperature = temperature
         self.diagonal = diagonal
         if diagonal:
@@ -43,26 +54,25 @@ class TaskTransformRouter(Router):
             return torch.diag_embed(self.task_scale[tasks])
         return self.task_transform[tasks]
 
-    def forward(self, x: torch.Tensor, context: RoutingContext, layer_name: str) -> torch.Tensor:
-        tasks = context.task_ids_for(x.shape[0])
-        weights = torch.softmax(self.task_logits[tasks] / self.temperature, dim=-1)
-        return weights.repeat_interleave(self.rank, dim=-1).to(x.dtype)
+    def _gates(self, tasks: torch.Tensor) -> torch.Tensor:
+        """Weights of the n·r B columns, FloatTensor[batch, n * r]: ``softmax(w_t / τ)_j`` over B_j's columns."""
+        return expert_gates(torch.softmax(self.task_logits[tasks] / self.temperature, dim=-1), self.rank)
 
-    def transform(
-        self, hidden: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, context: RoutingContext
-    ) -> torch.Tensor:
+    def mix(self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor) -> torch.Tensor:
         tasks = context.task_ids_for(hidden.shape[0])
         matrices = self._matrices(tasks).to(hidden.dtype)  # [batch, r, r]
         flat = hidden.reshape(hidden.shape[0], -1, self.rank)
-        return torch.bmm(flat, matrices.transpose(1, 2)).reshape(hidden.shape)
+        transformed = torch.bmm(flat, matrices.transpose(1, 2))  # [batch, tokens, r]
+        gates = self._gates(tasks).to(hidden.dtype)[:, None, :]
+        mixed = transformed.repeat(1, 1, self.num_up) * gates
+        return mixed.reshape(*hidden.shape[:-1], self.bank_b)
 
-    def transform_task_A(self, lora_A: torch.Tensor, task: int) -> torch.Tensor:
-        device = lora_A.device
-        return self._matrices(torch.tensor([task], device=device))[0].to(lora_A) @ lora_A
+    def task_matrix(self, task: int) -> torch.Tensor:
+        tasks = torch.tensor([task], device=self.task_logits.device)
+        return self._gates(tasks)[0, :, None] * self._matrices(tasks)[0].repeat(self.num_up, 1)
 
     def task_gate(self, task: int) -> torch.Tensor:
-        weights = torch.softmax(self.task_logits[task] / self.temperature, dim=-1)
-        return weights.repeat_interleave(self.rank)
+        return self._gates(torch.tensor([task], device=self.task_logits.device))[0]
 
 
 @register_method
@@ -70,23 +80,9 @@ class MTLLoRA(SharedDownProjection):
     """MTL-LoRA: shared A, per-task r × r transform, task-weighted mix of n shared B."""
 
     name = "mtl_lora"
-    options = OPTIONS
+    Options = MTLLoRAOptions
 
     @classmethod
-    def validate(cls, config: MixtureConfig) -> None:
-        super().validate(config)
-        temperature = config.method_options.get("temperature", 0.1)
-        check_option(cls.name, "temperature", temperature, is_number(temperature) and temperature > 0, "a number > 0")
-        diagonal = config.method_options.get("diagonal", False)
-        check_option(cls.name, "diagonal", diagonal, isinstance(diagonal, bool), "true or false (a boolean)")
-
-    @classmethod
-    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
-        options = config.method_options
-        return TaskTransformRouter(
-            config.num_tasks,
-            config.r,
-            config.num_experts,
-            float(options.get("temperature", 0.1)),
-            bool(options.get("diagonal", False)),
-        )
+    def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
+        options = cls.options(config)
+        return TaskTransformMixer(config.num_tasks, config.r, config.num_experts, options.temperature, options.diagonal)

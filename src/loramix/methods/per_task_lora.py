@@ -6,7 +6,8 @@ import torch
 
 from loramix.config import MixtureConfig
 from loramix.methods.base import Method, register_method, require_one_expert_per_task
-from loramix.routers import Router, TaskOneHotRouter
+from loramix.mixers import Mixer
+from loramix.routers import TaskOneHotRouter
 
 
 @register_method
@@ -21,5 +22,5 @@ class PerTaskLoRA(Method):
         require_one_expert_per_task(config, cls.name)
 
     @classmethod
-    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
+    def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
         return TaskOneHotRouter(torch.arange(config.num_tasks), config.num_experts, config.r)

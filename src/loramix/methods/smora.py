@@ -16,21 +16,32 @@ bias is saved with the adapter. Token-level, so not mergeable.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from loramix.config import ConfigError, MixtureConfig, check_option, is_number
+from loramix.config import ConfigError, MixtureConfig
 from loramix.context import RoutingContext
+from loramix.gating import token_mask
 from loramix.methods.base import Method, register_method
-from loramix.routers import Router, token_mask
+from loramix.methods.options import MethodOptions, option
+from loramix.mixers import Mixer, Router
 
 DEFAULT_TOP_K = 8
+
+
+@dataclass(frozen=True)
+class SMoRAOptions(MethodOptions):
+    """SMoRA's ``method_options``: u, the step of the balance bias."""
+
+    bias_update_rate: float = option(1e-5, low=0)
 
 
 class RankRouter(Router):
     """SMoRA's per-token top-k over rank-1 components with a balance bias."""
 
-    task_only = False
+    mergeable = False
     needs_task_ids = False
 
     def __init__(self, in_features: int, rank: int, top_k: int, update_rate: float) -> None:
@@ -41,7 +52,7 @@ class RankRouter(Router):
         self.register_buffer("balance_bias", torch.zeros(rank))
         self.register_buffer("counts", torch.zeros(rank), persistent=False)
 
-    def forward(self, x: torch.Tensor, context: RoutingContext, layer_name: str) -> torch.Tensor:
+    def route(self, x: torch.Tensor, context: RoutingContext) -> torch.Tensor:
         scores = torch.sigmoid(self.proj(x.to(self.proj.weight.dtype)).float()) + self.balance_bias
         top_values, top_index = scores.topk(self.top_k, dim=-1)
         weights = self.top_k * top_values / top_values.sum(-1, keepdim=True)
@@ -50,7 +61,7 @@ class RankRouter(Router):
             chosen = torch.zeros_like(scores).scatter(-1, top_index, 1.0)
             mask = token_mask(x, context)
             if mask is not None:
-                chosen = chosen[mask]
+                chosen = chosen * mask.unsqueeze(-1).to(chosen.dtype)
             self.counts += chosen.reshape(-1, self.num_components).sum(0).detach()
         return gate.to(x.dtype)
 
@@ -68,7 +79,7 @@ class SMoRA(Method):
     """SMoRA: each rank is an expert; top-k per token; bias-based load balance; scale alpha / k."""
 
     name = "smora"
-    options = ("bias_update_rate",)
+    Options = SMoRAOptions
     top_k_of = "r"
 
     @classmethod
@@ -79,8 +90,6 @@ class SMoRA(Method):
                 f"MixtureConfig.num_experts={config.num_experts} is invalid: 'smora' makes each of the r ranks an "
                 "expert; set r and leave num_experts at 1"
             )
-        rate = config.method_options.get("bias_update_rate", 1e-5)
-        check_option(cls.name, "bias_update_rate", rate, is_number(rate) and rate >= 0, "a finite number >= 0")
 
     @classmethod
     def top_k(cls, config: MixtureConfig) -> int:
@@ -91,6 +100,5 @@ class SMoRA(Method):
         return config.lora_alpha / cls.top_k(config)
 
     @classmethod
-    def make_router(cls, config: MixtureConfig, in_features: int, out_features: int) -> Router:
-        rate = float(config.method_options.get("bias_update_rate", 1e-5))
-        return RankRouter(in_features, config.r, cls.top_k(config), rate)
+    def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
+        return RankRouter(in_features, config.r, cls.top_k(config), cls.options(config).bias_update_rate)

@@ -60,7 +60,8 @@ def grow_domain(model: MixtureModel, name: str | None = None, seed: int = 0) -> 
         layer.lora_A = nn.Parameter(torch.cat([old_a, new_a.to(old_a.device)]), requires_grad=old_a.requires_grad)
         layer.lora_B = nn.Parameter(torch.cat([old_b, new_b], dim=1), requires_grad=old_b.requires_grad)
         old_router = routers[layer_name]
-        router = MoA.make_router(config, layer.in_features, layer.out_features).to(old_router.classifier.weight)
+        router = MoA.make_mixer(config, layer.in_features, layer.out_features).to(old_router.classifier.weight)
+        router.layer_name = layer_name
         router.classifier.weight[:-1].copy_(old_router.classifier.weight)
         router.classifier.bias[:-1].copy_(old_router.classifier.bias)
         router.requires_grad_(old_router.classifier.weight.requires_grad)

@@ -62,7 +62,7 @@ def router_accuracy(records: Mapping[str, Any]) -> dict[str, float]:
     Layers without an accuracy (no ``task_ids`` were given) are left out.
     """
     return {
-        name: record["accuracy"]
+        name: float(record["accuracy"])
         for name, record in records.items()
         if isinstance(record, Mapping) and record.get("accuracy") is not None
     }

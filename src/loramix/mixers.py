@@ -1,0 +1,134 @@
+"""The mixer: the one place where a method's adapted layer differs from a plain LoRA.
+
+Every adapted layer computes ``h = W0 x + s · B · mix(A · dropout(x))``. The banks A (K_A × d_in) and
+B (d_out × K_B) and the scale s belong to the layer; everything method-specific belongs to its mixer:
+
+- :meth:`Mixer.mix` maps the down-projection ``A x`` (FloatTensor[..., K_A]) to the B bank's components
+  (FloatTensor[..., K_B]), reading the layer input, the routing context or the A bank itself when it
+  needs them;
+- :meth:`Mixer.task_matrix` is the K_B × K_A matrix M_t that ``mix`` applies for task t when it depends on
+  the task alone (``mergeable``): the layer's ``delta_weight``, ``merge`` and ``task_factors`` read nothing
+  else. Mixers routed on the input are not mergeable and refuse it.
+
+Most methods mix by a diagonal ``M = diag(g)`` after pairing each B column with an A row: such a mixer is a
+:class:`Router`, and only computes the gate g (:meth:`Router.route`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loramix.context import RoutingContext
+
+
+class Mixer(nn.Module):
+    """Base class of mixers.
+
+    Args:
+        bank_a: K_A, the rows of the layer's A bank.
+        bank_b: K_B, the columns of the layer's B bank.
+
+    Attributes:
+        mergeable: ``mix`` depends on the task alone, so :meth:`task_matrix` is defined and a task merges
+            into the base weights or exports as a plain LoRA.
+        needs_task_ids: calls must pass ``task_ids``.
+        layer_name: the adapted layer's module name, set by the layer (for records and routing caches).
+    """
+
+    mergeable: bool = True
+    needs_task_ids: bool = True
+
+    def __init__(self, bank_a: int, bank_b: int) -> None:
+        super().__init__()
+        self.bank_a = bank_a
+        self.bank_b = bank_b
+        self.layer_name = ""
+
+    def mix(self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor) -> torch.Tensor:
+        """The middle of the delta.
+
+        Args:
+            hidden: FloatTensor[batch, ..., K_A], the down-projection ``A dropout(x)``.
+            x: FloatTensor[batch, ..., d_in], the layer input (for routing on the input).
+            context: the call's routing context (task ids, attention mask, losses, records).
+            lora_A: the layer's A bank (for mixers that score its factors: conditional MixLoRA).
+
+        Returns:
+            FloatTensor[batch, ..., K_B], what the B bank projects up.
+        """
+        raise NotImplementedError
+
+    def task_matrix(self, task: int) -> torch.Tensor:
+        """M_t, FloatTensor[K_B, K_A]: ``mix(hidden) == hidden @ M_tᵀ`` for every row of task ``task``.
+
+        Raises:
+            TypeError: the mixer routes on the input (not ``mergeable``).
+        """
+        raise self.not_mergeable()
+
+    def task_gate(self, task: int) -> torch.Tensor:
+        """The weight of each B column for task ``task``, FloatTensor[K_B] (for reports of the routing).
+
+        Raises:
+            TypeError: the mixer routes on the input (not ``mergeable``).
+        """
+        raise self.not_mergeable()
+
+    def not_mergeable(self) -> TypeError:
+        """The error raised when a task's fixed matrix is asked of a mixer routed on the input."""
+        return TypeError(f"{type(self).__name__} routes on the input, so a task has no fixed weights")
+
+    def init_banks(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        """Re-initialise the banks in place after the layer's default init (A Kaiming, B zero); nothing here."""
+
+    def step_end(self) -> None:
+        """Called by ``MixtureModel.step_end()`` after each optimizer step (e.g. SMoRA's bias update)."""
+
+
+class Router(Mixer):
+    """A diagonal mixer, ``M = diag(g) · P``: P pairs each B column with one A row, g weighs the columns.
+
+    Subclasses compute the gate g in :meth:`route`; mergeable ones give a task's gate in :meth:`task_gate`.
+
+    Args:
+        num_components: K_B, the columns of the layer's B bank (the gate's width).
+        pairing: LongTensor[K_B], the A row each B column pairs with (shared down-projections: HydraLoRA,
+            MoDE), or ``None`` when K_A == K_B and column j pairs with row j.
+    """
+
+    def __init__(self, num_components: int, pairing: torch.Tensor | None = None) -> None:
+        bank_a = num_components if pairing is None else int(pairing.max()) + 1
+        super().__init__(bank_a, num_components)
+        self.num_components = num_components
+        self.register_buffer("pairing", None if pairing is None else pairing.long(), persistent=False)
+
+    def route(self, x: torch.Tensor, context: RoutingContext) -> torch.Tensor | None:
+        """The gate for input ``x`` of shape [batch, ..., d_in].
+
+        Returns:
+            FloatTensor[batch, K_B] (one gate per sequence), FloatTensor[batch, ..., K_B] (per token), or
+            ``None`` for all ones.
+        """
+        raise NotImplementedError
+
+    def mix(self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor) -> torch.Tensor:
+        gate = self.route(x, context)
+        if self.pairing is not None:
+            hidden = hidden[..., self.pairing]
+        if gate is None:
+            return hidden
+        if gate.dim() == 2 and hidden.dim() > 2:
+            gate = gate.view(gate.shape[0], *([1] * (hidden.dim() - 2)), gate.shape[-1])
+        return hidden * gate
+
+    def task_matrix(self, task: int) -> torch.Tensor:
+        gate = self.task_gate(task)
+        pairing = torch.arange(self.bank_b, device=gate.device) if self.pairing is None else self.pairing
+        return torch.eye(self.bank_a, dtype=gate.dtype, device=gate.device)[pairing] * gate[:, None]
+
+
+def shared_pairing(rank: int, num_experts: int) -> torch.Tensor:
+    """Pairing of E up-projections of ``rank`` columns with one shared down-projection of ``rank`` rows:
+    column ``e·r + q`` pairs with row q, LongTensor[E * r]."""
+    return torch.arange(rank, device="cpu").repeat(num_experts)
