@@ -31,7 +31,8 @@ from loramix.layer import SUPPORTED_LAYERS, MixtureLinear, layer_dims
 from loramix.methods import get_method
 
 WEIGHTS_NAME = "adapter_model.safetensors"
-_SAVE_ONLY_KEYS = ("loramix_version", "target_layers")
+#: Keys ``save_pretrained`` adds to the saved config beyond the mixture config.
+SAVE_ONLY_KEYS = ("loramix_version", "target_layers")
 # An adapter may hold at most this many parameters more than 4x its base model (a guard against absurd sizes,
 # checked before anything is allocated).
 _SIZE_SLACK = 2**24
@@ -627,7 +628,7 @@ class MixtureModel(nn.Module):
         config_path = mixture_config_file(directory)
         data = read_json_file(config_path)
         if isinstance(data, dict):
-            for key in _SAVE_ONLY_KEYS:
+            for key in SAVE_ONLY_KEYS:
                 data.pop(key, None)
         config = MixtureConfig._from_file(config_path, data)
         weights = directory / WEIGHTS_NAME

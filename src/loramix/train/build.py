@@ -32,6 +32,7 @@ from loramix.data import (
 from loramix.heads import MultiTaskSequenceClassifier
 from loramix.model import MixtureModel, get_mixture_model, is_mixture_directory, mixture_config_file
 from loramix.train.batches import SampledBatches
+from loramix.train.checkpoint import sha256_file
 from loramix.train.recipe import DataSpec, ModelSpec, Recipe, SourceSpec
 from loramix.train.runinfo import (
     RUN_FILE,
@@ -39,7 +40,6 @@ from loramix.train.runinfo import (
     data_files,
     describe_changes,
     examples_sha256,
-    file_sha256,
     read_run_file,
     read_split,
     remove_split,
@@ -152,7 +152,7 @@ def _source_record(source: SourceSpec, tasks: list[TaskData]) -> dict[str, Any]:
     if source.kind == "jsonl":
         del record["jsonl"]
         record["file"] = str(Path(source.jsonl).resolve())
-        record["sha256"] = file_sha256(source.jsonl)
+        record["sha256"] = sha256_file(source.jsonl)
     else:
         record["sha256"] = examples_sha256(tasks)
     return record

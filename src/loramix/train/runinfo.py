@@ -25,7 +25,7 @@ from typing import Any
 
 from loramix.config import read_json_file
 from loramix.data import DataError, Example, Splits, TaskData, TaskSet
-from loramix.model import is_mixture_directory, mixture_config_file
+from loramix.model import SAVE_ONLY_KEYS, is_mixture_directory, mixture_config_file
 from loramix.train.checkpoint import PREFIX, STATE_NAME, list_checkpoints
 from loramix.train.settings import RecipeError
 
@@ -38,17 +38,6 @@ RUN_ENTRIES = (RUN_FILE, "adapter", "log.jsonl", "tensorboard")
 UNTRACKED_TRAINING = ("log_every", "eval_every", "save_every", "keep_last", "progress_bar", "use_cpu")
 UNTRACKED_TRAINING += ("gradient_checkpointing", "find_unused_parameters")
 SPLIT_NAMES = ("train", "validation", "test")
-#: Keys ``save_pretrained`` adds to ``adapter_config.json`` beyond the mixture config.
-SAVE_ONLY_KEYS = ("loramix_version", "target_layers")
-
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def examples_sha256(tasks: Iterable[TaskData]) -> str:
