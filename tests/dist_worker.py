@@ -1,8 +1,8 @@
 """Run by torchrun in the distributed tests: train the tiny causal LM and write losses and weights as JSON.
 
 Usage: ``dist_worker.py OUTPUT_DIR RESULT_JSON METHOD [METHOD ...] [--resume-check]``; the engine comes from
-the environment (``ACCELERATE_USE_FSDP``/``FSDP_VERSION`` as ``accelerate launch --config_file`` sets them,
-DDP otherwise). ``--resume-check`` also trains the first method again with a crash after step 2's
+the environment (``ACCELERATE_USE_FSDP``/``FSDP_VERSION``, ``ACCELERATE_USE_DEEPSPEED``/
+``ACCELERATE_DEEPSPEED_ZERO_STAGE`` as ``accelerate launch --config_file`` sets them, DDP otherwise). ``--resume-check`` also trains the first method again with a crash after step 2's
 checkpoint, then resumes it with a fresh model and trainer, and reports the resumed run's losses and weights.
 """
 
@@ -56,6 +56,7 @@ def main() -> None:
         results[method] = {
             "losses": [record["loss"] for record in state.history],
             "aux": [record.get("aux_contrastive") for record in state.history],
+            "grad_norms": [record["grad_norm"] for record in state.history],
             "weights": {key: value.tolist() for key, value in weights.items()},
             "world": trainer.accelerator.num_processes,
             "engine": trainer.accelerator.distributed_type.name,
