@@ -117,7 +117,7 @@ def make_accelerator(settings: TrainingSettings, max_grad_norm: float | None = N
     Raises:
         RecipeError: the launch asks for an engine loramix cannot honour (FSDP1 on the CPU; DeepSpeed
             without the ``deepspeed`` package or with settings that contradict the recipe, see
-            :func:`check_deepspeed`).
+            :func:`check_deepspeed_stages` for what the stages must satisfy).
     """
     mixed_precision = resolve_mixed_precision(settings.mixed_precision)
     cpu = settings.use_cpu or _distributed_on_cpu() or not torch.cuda.is_available()
@@ -190,7 +190,7 @@ def _deepspeed_accelerator(
     for key in ("optimizer", "scheduler"):
         if key in config:
             raise RecipeError(
-                f"the DeepSpeed config defines a {key!r}: loramix builds the optimizer and schedule from the recipe "
+                f"the DeepSpeed config defines {key!r}: loramix builds the optimizer and schedule from the recipe "
                 "(training and stages); remove it from the DeepSpeed config"
             )
     for key in ("offload_optimizer", "offload_param"):
@@ -289,9 +289,10 @@ class TrainerState:
 class Trainer:
     """Trains a :class:`~loramix.model.MixtureModel` with AdamW over its trainable parameters.
 
-    Works in one process and under ``accelerate launch`` / ``torchrun`` (DDP, and FSDP2 through an
-    accelerate config): each rank reads its own shard of the data from the
-    :class:`~loramix.train.batches.BatchSource` the factory gives it. Each step runs
+    Works in one process and under ``accelerate launch`` / ``torchrun`` (DDP, and FSDP2 or DeepSpeed ZeRO-2/3
+    through an accelerate config; under DeepSpeed the engine steps, clips and checkpoints): each rank reads
+    its own shard of the data from the :class:`~loramix.train.batches.BatchSource` the factory gives it.
+    Each step runs
     ``gradient_accumulation_steps`` micro-batches under ``accelerator.accumulate`` (gradients synchronised
     on the last only) and optimises one objective over the global batch (see the module's docstring),
     clips the gradient norm through the accelerator, steps the optimizer and the schedule. The model and
@@ -652,7 +653,7 @@ class Trainer:
         record.update({f"aux_{name}": value for name, value in zip(names, summed[1:], strict=True)})
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
             # The engine stepped in the last micro-batch's backward: it clipped to the config's gradient_clipping
-            # (the recipe's, see check_deepspeed) and skipped the update if the gradient norm was not finite.
+            # (the recipe's max_grad_norm, see make_accelerator) and skipped the update on a non-finite norm.
             grad_norm = _as_float(accelerator.clip_grad_norm_(wrapped.parameters(), max_grad_norm or math.inf))
             finite = math.isfinite(record["loss"]) and not optimizer.step_was_skipped
             if finite:
