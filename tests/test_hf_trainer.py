@@ -84,7 +84,7 @@ def test_checkpoints_hold_only_the_adapter_and_resume_restores_it(tmp_path):
     trainer.train()
     expected = {key: value.clone() for key, value in model.adapter_state_dict().items()}
     checkpoint = tmp_path / "full" / "checkpoint-4"
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= {path.name for path in checkpoint.iterdir()}
+    assert {"loramix_config.json", "adapter_model.safetensors"} <= {path.name for path in checkpoint.iterdir()}
     assert not list(checkpoint.glob("model*.safetensors"))
     assert set(load_file(str(checkpoint / "adapter_model.safetensors"))) == set(expected)
     loaded = MixtureModel.from_pretrained(tied_llama(), checkpoint)

@@ -54,8 +54,8 @@ def test_a_nan_step_is_skipped_logged_and_training_goes_on(tmp_path):
     def nan_logits(module, inputs, output):
         return output * float("nan") if poison["on"] else output
 
-    model.base_model.heads[0].register_forward_hook(nan_logits)
-    model.base_model.heads[1].register_forward_hook(nan_logits)
+    model.base_model.heads[0].classifier.register_forward_hook(nan_logits)
+    model.base_model.heads[1].classifier.register_forward_hook(nan_logits)
     seen = {}
 
     def callback(state):

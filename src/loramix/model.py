@@ -563,18 +563,24 @@ class MixtureModel(nn.Module):
         """Everything the adapter adds or trains (banks, routers, persistent buffers, modules to save)."""
         return _adapter_state(self.mixture_layers(), self._modules_to_save())
 
-    def save_pretrained(self, save_directory: str | Path) -> None:
+    def save_pretrained(self, save_directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write ``loramix_config.json`` and ``adapter_model.safetensors`` (no pickle).
 
         The config has loramix's own file name, so PEFT and transformers never take the mixture for a PEFT
         adapter (export a task with :meth:`export` for them). A legacy ``adapter_config.json`` of an earlier
         loramix save in the same directory is removed, since this save supersedes it.
+
+        Args:
+            save_directory: the folder to write (created if missing).
+            state_dict: the adapter's tensors to write instead of :meth:`adapter_state_dict` (for instance
+                gathered from the ranks of a sharded model), under the same keys.
         """
         from loramix import __version__
 
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {key: value.detach().contiguous().cpu() for key, value in self.adapter_state_dict().items()}
+        source = self.adapter_state_dict() if state_dict is None else state_dict
+        state = {key: value.detach().contiguous().cpu() for key, value in source.items()}
         save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "loramix"})
         data = self.mixture_config.to_dict()
         data["loramix_version"] = __version__

@@ -10,7 +10,7 @@ batch with ``task_ids`` and adds the auxiliary losses to ``outputs.loss``). What
   moves between steps (SMoRA's balance bias) never moves.
 
 :class:`MixtureTrainerMixin` fixes all three: checkpoints and ``save_model`` hold only the adapter, in
-loramix's format (``adapter_config.json`` + ``adapter_model.safetensors``, loadable with
+loramix's format (``loramix_config.json`` + ``adapter_model.safetensors``, loadable with
 ``MixtureModel.from_pretrained``), resuming and ``load_best_model_at_end`` restore it, and a
 :class:`StepEndCallback` is added. Use :class:`MixtureTrainer` in place of ``transformers.Trainer``, or
 :func:`mixture_trainer_class` for another Trainer subclass (``mixture_trainer_class(trl.SFTTrainer)``)::

@@ -2,7 +2,7 @@
 
 A checkpoint is a directory ``checkpoint-<step>`` holding:
 
-- ``adapter_config.json`` and ``adapter_model.safetensors``: the adapter, in the format of
+- ``loramix_config.json`` and ``adapter_model.safetensors``: the adapter, in the format of
   :meth:`~loramix.model.MixtureModel.save_pretrained` (gathered from every rank when parameters are
   sharded, e.g. under FSDP2);
 - ``optimizer.pt``: the state dicts of the optimizer, the scheduler and, with fp16, the gradient scaler
@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from loramix.model import WEIGHTS_NAME, MixtureModel
 
@@ -48,7 +48,6 @@ PREFIX = "checkpoint-"
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
 MANIFEST_NAME = "checksums.json"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
 DEEPSPEED_DIR = "deepspeed"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 _TRASH_SUFFIX = ".trash"
@@ -214,16 +213,8 @@ def gather_adapter_state(model: MixtureModel) -> dict[str, torch.Tensor]:
 
 
 def write_adapter(model: MixtureModel, state: dict[str, torch.Tensor], directory: str | Path) -> None:
-    """Write gathered adapter tensors and the adapter config as :meth:`MixtureModel.save_pretrained` does."""
-    from loramix import __version__
-
-    target = Path(directory)
-    target.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(target / WEIGHTS_NAME), metadata={"format": "pt", "library": "loramix"})
-    data = model.mixture_config.to_dict()
-    data["loramix_version"] = __version__
-    data["target_layers"] = sorted(model.mixture_layers())
-    (target / ADAPTER_CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Write gathered adapter tensors and the adapter config with :meth:`MixtureModel.save_pretrained`."""
+    model.save_pretrained(directory, state_dict=state)
 
 
 def load_adapter(model: MixtureModel, path: str | Path) -> None:
