@@ -5,7 +5,8 @@ The launch's environment (``ACCELERATE_USE_DEEPSPEED``, ``ACCELERATE_DEEPSPEED_Z
 objective as one process: 2 processes x 2 rows x accumulation 2 == 1 process x 8 (losses, gradient norms and
 weights to 1e-5, MoRE's gradient norm above the recipe's ``max_grad_norm`` so DeepSpeed's clipping is what
 makes them equal), the adapter written once loads in a fresh process, and kill + resume under the engine ends
-where the uninterrupted run ends. What loramix cannot honour under DeepSpeed fails at start.
+where the uninterrupted run ends; two stages with a NaN step (skipped by the engine) match one process too.
+What loramix cannot honour under DeepSpeed fails at start.
 
 Needs the ``deepspeed`` package (``pip install 'loramix[deepspeed]'``); without it these tests skip, except
 the one checking the message a user without it gets.
@@ -16,8 +17,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
+import os
 import shutil
+import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +34,8 @@ from loramix.train import RecipeError, StageSettings, Trainer, TrainingSettings
 from loramix.train.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
 from test_objective import EXAMPLES, METHODS, _assert_same, _torchrun, _train
 from tiny_models import build
+
+TESTS = Path(__file__).resolve().parent
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(
@@ -111,6 +119,86 @@ def test_a_deepspeed_checkpoint_is_refused_without_deepspeed(zero_run, tmp_path)
     with pytest.raises(CheckpointError, match="written under DeepSpeed"):
         trainer.train(resume_from=checkpoint)
     assert digest() == before
+
+
+STAGES_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from generation_fixtures import causal_lm, generation_examples, generation_factory
+    from loramix.train import StageSettings, Trainer, TrainingSettings
+    from loramix.train.checkpoint import gather_adapter_state
+
+    output, result, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    poison = {"on": False}
+
+    def nan_logits(module, inputs, out):
+        return out * float("nan") if poison["on"] else out
+
+    def callback(state):
+        poison["on"] = state.global_step == 1  # the second step sees NaN logits
+
+    stages = [
+        StageSettings(name="one", max_steps=2),
+        StageSettings(name="two", max_steps=2, learning_rate=5e-3, lr_multipliers={"router": 3.0}),
+    ]
+    settings = TrainingSettings(
+        batch_size=batch, learning_rate=1e-2, progress_bar=False, mixed_precision="no", use_cpu=True
+    )
+    model = causal_lm("moelora")
+    model.base_model.lm_head.register_forward_hook(nan_logits)
+    factory = generation_factory(generation_examples(32), batch)
+    trainer = Trainer(model, settings, factory, output, stages=stages, callbacks=[callback])
+    state = trainer.train()
+    weights = {key: value.tolist() for key, value in gather_adapter_state(model).items()}
+    if trainer.accelerator.is_main_process:
+        history = state.history
+        data = {
+            "engine": trainer.accelerator.distributed_type.name,
+            "losses": [record["loss"] for record in history],
+            "lrs": [record["lr"] for record in history],
+            "skipped": [record["skipped"] for record in history],
+            "weights": weights,
+        }
+        with open(result, "w") as handle:
+            json.dump(data, handle)
+    """
+)
+
+
+def _run_stages_worker(tmp_path, name: str, launcher: list[str], batch: int, env: dict[str, str]) -> dict:
+    script = tmp_path / "stages_worker.py"
+    script.write_text(STAGES_WORKER)
+    result = tmp_path / f"{name}.json"
+    environment = {
+        **os.environ,
+        **env,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    command = [sys.executable, *launcher, str(script), str(tmp_path / name), str(result), str(batch)]
+    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300, check=False)
+    if completed.returncode != 0:
+        pytest.fail(f"{name} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}")
+    return json.loads(result.read_text())
+
+
+@needs_deepspeed
+def test_zero2_stages_and_a_nonfinite_step_match_one_process(tmp_path):
+    """Two stages (new learning rates and multipliers, AdamW restarted) and a NaN step the engine skips."""
+    one = _run_stages_worker(tmp_path, "one", [], 8, {})
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29539"]
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+    zero = _run_stages_worker(tmp_path, "zero2", launcher, 4, env)
+    assert zero["engine"] == "DEEPSPEED" and one["engine"] == "NO"
+    assert one["skipped"] == zero["skipped"] == [False, True, False, False]
+    assert math.isnan(zero["losses"][1])
+    finite = [0, 2, 3]
+    assert [zero["losses"][i] for i in finite] == pytest.approx([one["losses"][i] for i in finite], rel=1e-5)
+    assert zero["lrs"] == pytest.approx(one["lrs"], rel=1e-6)
+    for key, value in one["weights"].items():
+        torch.testing.assert_close(torch.tensor(zero["weights"][key]), torch.tensor(value), rtol=1e-5, atol=1e-5)
+        assert all(math.isfinite(x) for x in torch.tensor(zero["weights"][key]).flatten().tolist())
 
 
 # ---------------------------------------------------------------------- refused at start
