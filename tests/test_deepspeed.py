@@ -223,6 +223,7 @@ REFUSALS = [
     ({"ACCELERATE_GRADIENT_CLIPPING": "0.5"}, {}, None, "gradient_clipping: 0.5 but the recipe asks for 1.0"),
     ({"ACCELERATE_GRADIENT_CLIPPING": "1.0"}, {"max_grad_norm": None}, None, "gradient_clipping: 1.0 but"),
     ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}, {}, None, "ZeRO stage 1"),
+    ({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "train_batch_size=64"}, {}, None, "train_batch_size: 64 but the recipe"),
     ({"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, {}, None, "offload_optimizer.device='cpu'"),
     ({}, {"mixed_precision": "bf16"}, None, "mixed_precision='bf16' under DeepSpeed on the CPU"),
     (
@@ -239,6 +240,11 @@ REFUSALS = [
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusals (mixed precision, use_cpu)")
 @pytest.mark.parametrize(("variables", "settings", "stages", "message"), REFUSALS)
 def test_what_deepspeed_cannot_honour_is_refused_at_start(monkeypatch, tmp_path, variables, settings, stages, message):
+    if "ACCELERATE_DEEPSPEED_CONFIG_FILE" in variables:  # a DeepSpeed JSON config with this one setting
+        key, value = variables["ACCELERATE_DEEPSPEED_CONFIG_FILE"].split("=")
+        config = tmp_path / "ds_config.json"
+        config.write_text(json.dumps({"zero_optimization": {"stage": 2}, key: int(value)}))
+        variables = {"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config)}
     _deepspeed_env(monkeypatch, **variables)
     with pytest.raises(RecipeError, match=message):
         _trainer(tmp_path, stages=stages, **settings)

@@ -205,9 +205,14 @@ def _deepspeed_accelerator(
             raise RecipeError(
                 f"the DeepSpeed config enables {key}: set precision in the recipe (training.mixed_precision) instead"
             )
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
     wanted = {
         "gradient_accumulation_steps": (settings.gradient_accumulation_steps, "training.gradient_accumulation_steps"),
         "train_micro_batch_size_per_gpu": (settings.batch_size, "training.batch_size"),
+        "train_batch_size": (
+            settings.batch_size * settings.gradient_accumulation_steps * processes,
+            f"batch_size x gradient_accumulation_steps x {processes} processes",
+        ),
         "gradient_clipping": (max_grad_norm, "max_grad_norm, 0: none"),
     }
     for key, (value, source) in wanted.items():
@@ -230,9 +235,7 @@ def _deepspeed_accelerator(
         # accelerate would reuse with that run's batch settings: start from this run's config instead (the
         # process group stays).
         AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(cpu=False, deepspeed_plugin=plugin, **options)
-    config["train_batch_size"] = settings.batch_size * settings.gradient_accumulation_steps * accelerator.num_processes
-    return accelerator
+    return Accelerator(cpu=False, deepspeed_plugin=plugin, **options)
 
 
 def check_deepspeed_stages(stages: Sequence[StageSettings], candidates: list[str]) -> None:
