@@ -115,7 +115,11 @@ def test_shipped_accelerate_configs_name_their_engine():
 @pytest.mark.parametrize(
     ("environment", "message"),
     [
-        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed, which loramix's trainer does not support"),
+        # refused whether deepspeed is installed or not (tests/test_deepspeed.py covers what DeepSpeed runs)
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"},
+            "DeepSpeed ZeRO stage 1|DeepSpeed, which cannot be imported",
+        ),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1, which needs a GPU"),
     ],
 )

@@ -46,6 +46,7 @@ def _train(method: str, batch_size: int, accumulation: int, directory) -> dict:
         "method": method,
         "losses": [record["loss"] for record in state.history],
         "aux": [record.get("aux_contrastive") for record in state.history],
+        "grad_norms": [record["grad_norm"] for record in state.history],
         "weights": model.adapter_state_dict(),
     }
 

@@ -8,10 +8,14 @@ A checkpoint is a directory ``checkpoint-<step>`` holding:
 - ``optimizer.pt``: the state dicts of the optimizer, the scheduler and, with fp16, the gradient scaler
   (``torch.save`` of tensors and plain data, read back with ``weights_only=True``; under FSDP2 the
   optimizer state is gathered to full tensors keyed by parameter name);
+- under DeepSpeed ZeRO, ``deepspeed/``: the engine's own checkpoint (``save_checkpoint``; every rank writes
+  its optimizer partition and fp32 master weights, frozen base weights left out), read back by the engine's
+  ``load_checkpoint`` (pickle, checked against the checksums first); ``optimizer.pt`` then holds the scheduler
+  only;
 - ``rank_state_<r>.json``: each rank's data-sampler state and random-generator states (JSON, no pickle);
 - ``trainer_state.json``: where training stands (stage, steps, whether the step was finite, the run's
   fingerprint);
-- ``checksums.json``: the sha256 of every other file, written last.
+- ``checksums.json``: the sha256 of every other file (by path relative to the checkpoint), written last.
 
 Everything is first written to a hidden temporary directory, each file fsynced, then the directory is
 renamed into place and its parent fsynced, so a crash at any moment leaves either the previous good
@@ -23,6 +27,7 @@ back to the newest intact checkpoint with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -43,6 +48,7 @@ PREFIX = "checkpoint-"
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
 MANIFEST_NAME = "checksums.json"
+DEEPSPEED_DIR = "deepspeed"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 _TRASH_SUFFIX = ".trash"
 
@@ -154,21 +160,55 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def _is_zero3(param: torch.Tensor) -> bool:
+    """A parameter DeepSpeed ZeRO-3 partitions (its data lives in shards between forwards)."""
+    return hasattr(param, "ds_id")
+
+
 def model_is_sharded(model: torch.nn.Module) -> bool:
-    """Whether any parameter of ``model`` is a DTensor (FSDP2 and other composable parallelism)."""
-    return any(_is_sharded(param) for param in model.parameters())
+    """Whether any parameter of ``model`` is a DTensor (FSDP2, composable parallelism) or partitioned by ZeRO-3."""
+    return any(_is_sharded(param) or _is_zero3(param) for param in model.parameters())
+
+
+def deepspeed_engine(module: torch.nn.Module | None) -> Any | None:
+    """The DeepSpeed engine ``module`` is (what ``accelerator.prepare`` returns under DeepSpeed), or ``None``."""
+    if module is None:
+        return None
+    try:
+        from deepspeed import DeepSpeedEngine
+    except ImportError:
+        return None
+    return module if isinstance(module, DeepSpeedEngine) else None
+
+
+def _zero3_adapter_parameters(model: MixtureModel) -> list[torch.nn.Parameter]:
+    """The ZeRO-3 partitioned parameters behind :meth:`MixtureModel.adapter_state_dict` (base layers left out)."""
+    params = []
+    for layer in model.mixture_layers().values():
+        params.extend(param for name, param in layer.named_parameters() if not name.startswith("base_layer."))
+    for module in model._modules_to_save().values():
+        params.extend(module.parameters())
+    return [param for param in params if _is_zero3(param)]
 
 
 def gather_adapter_state(model: MixtureModel) -> dict[str, torch.Tensor]:
     """The adapter's tensors as full CPU tensors, gathered from every rank where they are sharded.
 
-    Every rank must call it when the model is sharded (it is a collective there).
+    Every rank must call it when the model is sharded (it is a collective there: FSDP2's DTensors, or
+    DeepSpeed ZeRO-3's partitions, gathered for the copy).
     """
+    partitioned = _zero3_adapter_parameters(model)
+    context = contextlib.nullcontext()
+    if partitioned:
+        import deepspeed
+
+        context = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
     state = {}
-    for key, value in model.adapter_state_dict().items():
-        if _is_sharded(value):
-            value = value.full_tensor()
-        state[key] = value.detach().contiguous().cpu()
+    with context:
+        for key, value in model.adapter_state_dict().items():
+            if _is_sharded(value):
+                value = value.full_tensor()
+            state[key] = value.detach().contiguous().cpu().clone()
     return state
 
 
@@ -294,25 +334,37 @@ class CheckpointManager:
         """
         final = self.directory / f"{PREFIX}{step:08d}"
         staging = self.directory / f".{final.name}.tmp"
+        engine = deepspeed_engine(root)
         adapter = gather_adapter_state(model)
-        optimizer_data = optimizer_state(root if root is not None else model, optimizer)
+        optimizer_data = None if engine is not None else optimizer_state(root if root is not None else model, optimizer)
         if self.rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
         self.barrier()
         _write_json(staging / _rank_state_name(self.rank), rank_state)
+        if engine is not None:
+            # every rank writes its own partition of the optimizer state and of the fp32 master weights
+            engine.save_checkpoint(
+                str(staging), tag=DEEPSPEED_DIR, client_state={}, save_latest=False, exclude_frozen_parameters=True
+            )
         self.barrier()
         if self.rank == 0:
             write_adapter(model, adapter, staging)
-            states = {"optimizer": optimizer_data, "scheduler": scheduler.state_dict()}
+            states: dict[str, Any] = {"scheduler": scheduler.state_dict()}
+            if optimizer_data is not None:
+                states["optimizer"] = optimizer_data
             if scaler is not None:
                 states["scaler"] = scaler.state_dict()
             torch.save(states, staging / OPTIMIZER_NAME)
             _write_json(staging / STATE_NAME, {**trainer_state, "step": step})
-            for path in staging.iterdir():
+            files = sorted(path for path in staging.rglob("*") if path.is_file())
+            for path in files:
                 _fsync_file(path)
-            digests = {path.name: sha256_file(path) for path in sorted(staging.iterdir())}
+            for path in staging.rglob("*"):
+                if path.is_dir():
+                    _fsync_dir(path)
+            digests = {path.relative_to(staging).as_posix(): sha256_file(path) for path in files}
             _write_json(staging / MANIFEST_NAME, digests)
             _fsync_dir(staging)
             self._publish(staging, final)
@@ -392,8 +444,26 @@ class CheckpointManager:
             saved = torch.load(directory / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
         except Exception as error:  # a pickle error of any kind: name the file
             raise CheckpointError(f"{directory / OPTIMIZER_NAME} cannot be read: {error}") from None
-        load_adapter(model, directory / WEIGHTS_NAME)
-        load_optimizer_state(root if root is not None else model, optimizer, saved["optimizer"])
+        engine = deepspeed_engine(root)
+        written_by_deepspeed = (directory / DEEPSPEED_DIR).is_dir()
+        if (engine is not None) != written_by_deepspeed:
+            raise CheckpointError(
+                f"{directory} was written {'under' if written_by_deepspeed else 'without'} DeepSpeed and this run "
+                f"{'is not' if engine is None else 'is'}: resume with the engine it was saved with"
+            )
+        if engine is not None:
+            loaded, _ = engine.load_checkpoint(
+                str(directory),
+                tag=DEEPSPEED_DIR,
+                load_module_strict=False,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
+            if loaded is None:
+                raise CheckpointError(f"DeepSpeed could not load {directory / DEEPSPEED_DIR}")
+        else:
+            load_adapter(model, directory / WEIGHTS_NAME)
+            load_optimizer_state(root if root is not None else model, optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         if scaler is not None and "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])

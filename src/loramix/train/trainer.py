@@ -100,32 +100,37 @@ def resolve_mixed_precision(setting: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def make_accelerator(settings: TrainingSettings) -> Accelerator:
+def make_accelerator(settings: TrainingSettings, max_grad_norm: float | None = None) -> Accelerator:
     """The run's :class:`~accelerate.Accelerator`, honouring the engine ``accelerate launch`` asked for.
 
     ``accelerate launch --config_file CONFIG`` tells the processes which engine to use through environment
     variables. On a CUDA machine accelerate sets itself up from them. On the CPU (``use_cpu`` or no CUDA),
     accelerate would silently fall back to DDP whatever the config says; loramix instead runs FSDP2 over
-    gloo (the config's ``fsdp_version: 2``) and refuses what it cannot run there.
+    gloo (the config's ``fsdp_version: 2``) and refuses what it cannot run there. Under DeepSpeed (ZeRO-2
+    or ZeRO-3, on CUDA or on the CPU with gloo) the recipe decides the DeepSpeed config's micro-batch size,
+    accumulation and clipping; an explicit, different value there is refused.
+
+    Args:
+        settings: the run's training settings.
+        max_grad_norm: the clipping of every stage (DeepSpeed's ``gradient_clipping``); ``None``: the settings'.
 
     Raises:
-        RecipeError: the launch asks for an engine loramix cannot honour (DeepSpeed; FSDP1 on the CPU).
+        RecipeError: the launch asks for an engine loramix cannot honour (FSDP1 on the CPU; DeepSpeed
+            without the ``deepspeed`` package or with settings that contradict the recipe, see
+            :func:`check_deepspeed_stages` for what the stages must satisfy).
     """
     mixed_precision = resolve_mixed_precision(settings.mixed_precision)
     cpu = settings.use_cpu or _distributed_on_cpu() or not torch.cuda.is_available()
-    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
-        raise RecipeError(
-            "accelerate launch asks for DeepSpeed, which loramix's trainer does not support yet (its engine "
-            "owns accumulation, clipping and sharded saving; untested here): use recipes/accelerate/fsdp.yaml "
-            "(FSDP2) or ddp.yaml"
-        )
-    fsdp = _env_flag("ACCELERATE_USE_FSDP")
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=settings.find_unused_parameters)]
     options = {
         "mixed_precision": mixed_precision,
         "gradient_accumulation_steps": settings.gradient_accumulation_steps,
         "kwargs_handlers": handlers,
     }
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        norm = settings.max_grad_norm if max_grad_norm is None else max_grad_norm
+        return _deepspeed_accelerator(settings, mixed_precision, options, float(norm or 0.0))
+    fsdp = _env_flag("ACCELERATE_USE_FSDP")
     if not (fsdp and cpu):
         return Accelerator(cpu=settings.use_cpu or _distributed_on_cpu(), **options)
     from accelerate.utils import FullyShardedDataParallelPlugin
@@ -147,6 +152,116 @@ def make_accelerator(settings: TrainingSettings) -> Accelerator:
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
     return accelerator
+
+
+def _deepspeed_accelerator(
+    settings: TrainingSettings, mixed_precision: str, options: dict[str, Any], max_grad_norm: float
+) -> Accelerator:
+    """The Accelerator of a DeepSpeed launch (ZeRO-2 or ZeRO-3), after refusing what loramix cannot honour."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as error:
+        raise RecipeError(
+            f"accelerate launch asks for DeepSpeed, which cannot be imported ({error}): "
+            "pip install 'loramix[deepspeed]' (DS_BUILD_OPS=0 needs no compiler), or launch with "
+            "recipes/accelerate/fsdp.yaml or ddp.yaml"
+        ) from None
+    from accelerate.utils import DeepSpeedPlugin
+
+    on_cpu = not torch.cuda.is_available()
+    if settings.use_cpu and not on_cpu:
+        raise RecipeError(
+            "training.use_cpu is true but accelerate launch asks for DeepSpeed on a machine with CUDA: DeepSpeed "
+            "would run on the GPU; drop use_cpu, or launch with recipes/accelerate/ddp.yaml"
+        )
+    if on_cpu and mixed_precision != "no":
+        raise RecipeError(
+            f"training.mixed_precision={mixed_precision!r} under DeepSpeed on the CPU: loramix runs DeepSpeed in "
+            "float32 there; set mixed_precision: 'no' (or 'auto')"
+        )
+    plugin = DeepSpeedPlugin()
+    config = plugin.deepspeed_config
+    stage = config.get("zero_optimization", {}).get("stage")
+    if stage not in (2, 3):
+        raise RecipeError(
+            f"accelerate launch asks for DeepSpeed ZeRO stage {stage}: loramix supports ZeRO stages 2 and 3 "
+            "(recipes/accelerate/deepspeed_zero2.yaml, deepspeed_zero3.yaml)"
+        )
+    for key in ("optimizer", "scheduler"):
+        if key in config:
+            raise RecipeError(
+                f"the DeepSpeed config defines {key!r}: loramix builds the optimizer and schedule from the recipe "
+                "(training and stages); remove it from the DeepSpeed config"
+            )
+    for key in ("offload_optimizer", "offload_param"):
+        device = str(config.get("zero_optimization", {}).get(key, {}).get("device", "none")).lower()
+        if device not in ("none", "null"):
+            raise RecipeError(
+                f"the DeepSpeed config asks for zero_optimization.{key}.device={device!r}: loramix does not "
+                "support DeepSpeed offloading (not verified); set it to none"
+            )
+    for key in ("fp16", "bf16"):
+        if config.get(key, {}).get("enabled", False) not in (False, "auto"):
+            raise RecipeError(
+                f"the DeepSpeed config enables {key}: set precision in the recipe (training.mixed_precision) instead"
+            )
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    wanted = {
+        "gradient_accumulation_steps": (settings.gradient_accumulation_steps, "training.gradient_accumulation_steps"),
+        "train_micro_batch_size_per_gpu": (settings.batch_size, "training.batch_size"),
+        "train_batch_size": (
+            settings.batch_size * settings.gradient_accumulation_steps * processes,
+            f"batch_size x gradient_accumulation_steps x {processes} processes",
+        ),
+        "gradient_clipping": (max_grad_norm, "max_grad_norm, 0: none"),
+    }
+    for key, (value, source) in wanted.items():
+        given = config.get(key, "auto")
+        if given != "auto" and not (isinstance(given, (int, float)) and float(given) == float(value)):
+            raise RecipeError(
+                f"the DeepSpeed config sets {key}: {given} but the recipe asks for {value} ({source}); set it to "
+                "auto, or remove it, in the accelerate/DeepSpeed config: the recipe decides"
+            )
+        config[key] = value
+    if on_cpu:
+        # accelerate's DeepSpeed path needs cpu=False; without CUDA it would pick no backend and count one process.
+        from accelerate.utils import InitProcessGroupKwargs
+
+        options = {**options, "kwargs_handlers": [*options["kwargs_handlers"], InitProcessGroupKwargs(backend="gloo")]}
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().distributed_type == DistributedType.DEEPSPEED:
+        # A run before this one in the same process (its trainer is done) left its DeepSpeed state, which
+        # accelerate would reuse with that run's batch settings: start from this run's config instead (the
+        # process group stays).
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(cpu=False, deepspeed_plugin=plugin, **options)
+
+
+def check_deepspeed_stages(stages: Sequence[StageSettings], candidates: list[str]) -> None:
+    """Refuse stage layouts that DeepSpeed ZeRO cannot train as the recipe asks.
+
+    DeepSpeed clips inside its engine with one ``gradient_clipping`` for the whole run, and ZeRO updates a
+    flattened partition of every parameter the optimizer holds, so a parameter frozen by a stage would still
+    be moved (by weight decay and AdamW's moments).
+
+    Raises:
+        RecipeError: stages ask for different ``max_grad_norm``, or a stage freezes some of the trainable
+            parameters.
+    """
+    norms = sorted({float(stage.max_grad_norm or 0.0) for stage in stages})
+    if len(norms) > 1:
+        raise RecipeError(
+            f"stages ask for max_grad_norm {norms} (0: none): DeepSpeed clips with one gradient_clipping for the "
+            "whole run; give every stage the same max_grad_norm"
+        )
+    for stage in stages:
+        if len(stage_selection(candidates, stage)) != len(candidates):
+            raise RecipeError(
+                f"stages[{stage.name}] freezes some trainable parameters, which loramix does not support under "
+                "DeepSpeed (ZeRO would still move them through weight decay and AdamW's moments); use FSDP "
+                "(recipes/accelerate/fsdp.yaml) or DDP with training.find_unused_parameters: true"
+            )
 
 
 @dataclass
@@ -177,9 +292,10 @@ class TrainerState:
 class Trainer:
     """Trains a :class:`~loramix.model.MixtureModel` with AdamW over its trainable parameters.
 
-    Works in one process and under ``accelerate launch`` / ``torchrun`` (DDP, and FSDP2 through an
-    accelerate config): each rank reads its own shard of the data from the
-    :class:`~loramix.train.batches.BatchSource` the factory gives it. Each step runs
+    Works in one process and under ``accelerate launch`` / ``torchrun`` (DDP, and FSDP2 or DeepSpeed ZeRO-2/3
+    through an accelerate config; under DeepSpeed the engine steps, clips and checkpoints): each rank reads
+    its own shard of the data from the :class:`~loramix.train.batches.BatchSource` the factory gives it.
+    Each step runs
     ``gradient_accumulation_steps`` micro-batches under ``accelerator.accumulate`` (gradients synchronised
     on the last only) and optimises one objective over the global batch (see the module's docstring),
     clips the gradient norm through the accelerator, steps the optimizer and the schedule. The model and
@@ -238,7 +354,9 @@ class Trainer:
         self.max_nonfinite_steps = max_nonfinite_steps
         self.state = TrainerState()
         self.candidates = [name for name, param in model.named_parameters() if param.requires_grad]
-        self.accelerator = make_accelerator(settings)
+        if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+            check_deepspeed_stages(self.stages, self.candidates)
+        self.accelerator = make_accelerator(settings, max_grad_norm=self.stages[0].max_grad_norm)
         self.checkpoints = CheckpointManager(
             self.output_dir,
             keep_last=settings.keep_last,
@@ -388,7 +506,7 @@ class Trainer:
         stage = self.stages[index]
         accelerator = self.accelerator
         self._start_stage(stage)
-        inner = getattr(optimizer, "optimizer", optimizer)
+        inner = _torch_optimizer(optimizer)
         start_stage_lrs(inner, stage, index)
         scheduler = make_scheduler(
             inner, stage.schedule, stage.warmup_steps, stage.max_steps, self.settings.min_lr_ratio
@@ -536,18 +654,26 @@ class Trainer:
         summed = accelerator.reduce(torch.stack([total, *[aux[name] for name in names]]), reduction="sum").tolist()
         record: dict[str, Any] = {"loss": summed[0]}
         record.update({f"aux_{name}": value for name, value in zip(names, summed[1:], strict=True)})
-        for param in self.model.parameters():
-            if not param.requires_grad:
-                param.grad = None
-        params = [param for param in self.model.parameters() if param.requires_grad]
-        norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf)
-        grad_norm = _as_float(norm)
-        finite = math.isfinite(record["loss"]) and (
-            grad_norm is None or accelerator.scaler is not None or math.isfinite(grad_norm)
-        )
-        if finite:
-            optimizer.step()
-            self.model.step_end()
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # The engine stepped in the last micro-batch's backward: it clipped to the config's gradient_clipping
+            # (the recipe's max_grad_norm, see make_accelerator) and skipped the update on a non-finite norm.
+            grad_norm = _as_float(accelerator.clip_grad_norm_(wrapped.parameters(), max_grad_norm or math.inf))
+            finite = math.isfinite(record["loss"]) and not optimizer.step_was_skipped
+            if finite:
+                self.model.step_end()
+        else:
+            for param in self.model.parameters():
+                if not param.requires_grad:
+                    param.grad = None
+            params = [param for param in self.model.parameters() if param.requires_grad]
+            norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf)
+            grad_norm = _as_float(norm)
+            finite = math.isfinite(record["loss"]) and (
+                grad_norm is None or accelerator.scaler is not None or math.isfinite(grad_norm)
+            )
+            if finite:
+                optimizer.step()
+                self.model.step_end()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         record["grad_norm"] = grad_norm
@@ -605,6 +731,17 @@ class Trainer:
 def _token_labels(labels: torch.Tensor) -> bool:
     """Integer labels with a sequence dimension are token labels; 1-d or float ones (multi-label) are per row."""
     return labels.dim() >= 2 and not labels.is_floating_point()
+
+
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer behind accelerate's wrapper (and DeepSpeed's ZeRO optimizer, which holds its groups)."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    while hasattr(optimizer, "optimizer") and (
+        isinstance(optimizer, AcceleratedOptimizer) or not isinstance(optimizer, torch.optim.Optimizer)
+    ):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def _as_float(norm: Any) -> float | None:
