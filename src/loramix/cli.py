@@ -26,6 +26,8 @@ def _train(args: argparse.Namespace) -> int:
         recipe.training.max_steps = args.max_steps
     resume = True if args.resume == "latest" else args.resume or False
     _, state = train_recipe(recipe, resume=resume, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:  # under a launcher, the main process alone reports
+        return 0
     if state.metrics:
         from loramix.eval import markdown_table
 
