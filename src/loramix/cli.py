@@ -102,7 +102,7 @@ def _add_domain(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = {"layer": "layer_bench.py", "more": "more_bench.py", "moa": "moa_bench.py"}
+BENCHMARKS = {"layer": "layer_bench.py", "more": "more_bench.py", "moa": "moa_bench.py", "e2e": "e2e_bench.py"}
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("--max-length", type=int, default=96, help="tokens per training row")
     grow.set_defaults(handler=_add_domain)
 
-    bench = commands.add_parser("bench", help="run a benchmark of benchmarks/ (layer, more, moa)")
+    bench = commands.add_parser("bench", help="run a benchmark of benchmarks/ (layer, more, moa, e2e)")
     bench.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
     bench.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options, e.g. --quick")
     bench.set_defaults(handler=_bench)
