@@ -388,3 +388,44 @@ def test_from_pretrained_takes_a_directory_as_a_string(tmp_path: Path) -> None:
         )
     with pytest.raises(FileNotFoundError, match="not a directory"):
         MixtureModel.from_pretrained(smollm2_like(), str(tmp_path / "missing" / "dir"))
+
+
+# ------------------------------------------------------------------------------------------------ hub round trip
+def test_push_to_hub_then_from_pretrained_by_hub_id(tmp_path: Path, monkeypatch) -> None:
+    """Offline: a stand-in for the hub client keeps uploads in a folder; the hub id loads the same mixture."""
+    import shutil
+
+    import huggingface_hub
+
+    hub = tmp_path / "hub"
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls.append(("create", repo_id, private, exist_ok, self.token))
+
+        def upload_folder(self, repo_id, folder_path, commit_message, revision=None):
+            calls.append(("upload", repo_id, sorted(path.name for path in Path(folder_path).iterdir()), revision))
+            shutil.copytree(folder_path, hub / repo_id, dirs_exist_ok=True)
+            return "commit"
+
+    def fake_download(repo_id, **kwargs):
+        return str(hub / repo_id)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    mixture = causal_mixture(tmp_path, "moelora", r=2, num_experts=2, target_modules=["q_proj"])
+    assert mixture.push_to_hub("me/mix", private=True, token="t") == "commit"
+    assert calls == [
+        ("create", "me/mix", True, True, "t"),
+        ("upload", "me/mix", ["adapter_model.safetensors", "loramix_config.json"], None),
+    ]
+    restored = MixtureModel.from_pretrained(copy.deepcopy(smollm2_like()), "me/mix")
+    inputs = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            restored(**inputs, task_ids=[1, 2]).logits, mixture(**inputs, task_ids=[1, 2]).logits, rtol=0, atol=0
+        )

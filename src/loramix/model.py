@@ -772,6 +772,41 @@ class MixtureModel(nn.Module):
             for layer in layers.values():
                 del layer.forward
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload loramix mixture",
+        revision: str | None = None,
+    ) -> Any:
+        """Save the mixture as :meth:`save_pretrained` does and upload it to a Hugging Face Hub repository.
+
+        The repository is created when missing; :meth:`from_pretrained` accepts its id. To serve one task
+        with PEFT or vLLM, push an export (:meth:`export`) with ``huggingface_hub`` instead.
+
+        Args:
+            repo_id: ``"user/name"``.
+            private: visibility of a repository this call creates.
+            token: a hub token (default: the one ``huggingface_hub`` finds).
+            commit_message: the commit's message.
+            revision: the branch to push to.
+
+        Returns:
+            The ``CommitInfo`` of the upload.
+        """
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        with tempfile.TemporaryDirectory(prefix="loramix-push-") as staging:
+            self.save_pretrained(staging)
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=staging, commit_message=commit_message, revision=revision
+            )
+
 
 def get_mixture_model(model: nn.Module, config: MixtureConfig) -> MixtureModel:
     """Wrap a transformers model with a mixture of low-rank experts (PEFT's ``get_peft_model`` for mixtures).
