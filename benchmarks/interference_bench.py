@@ -62,7 +62,7 @@ def rows(num_tasks: int) -> list[tuple[str, dict[str, Any]]]:
         ("lora_r8", {"method": "lora", "r": 8, "lora_alpha": 16}),
         (
             f"per_task_lora_r{8 // num_tasks}",
-            {"method": "per_task_lora", "r": 8 // num_tasks, "lora_alpha": 16 // num_tasks},
+            {"method": "per_task_lora", "num_experts": "tasks", "r": 8 // num_tasks, "lora_alpha": 16 // num_tasks},
         ),
         ("more_r8", {"method": "more", "r": 8, "lora_alpha": 16, "method_options": {"linear_scaling": True}}),
         (

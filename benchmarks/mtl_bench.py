@@ -12,7 +12,7 @@ training seed) and cut into test (first ``test``), validation (next ``val``) and
 Steps:
 
 1. ``pilot``: heads only (lr 1e-2) and a shared LoRA r=8 (lr 2e-3), seed 0, trained jointly on every
-   candidate task (1,500 steps at the cpu scale: about 100 per task);
+   candidate task (1,000 steps at the cpu scale: about 67 per task);
    a task is kept when the LoRA beats heads only on its **validation** split by >= 8 points. The kept
    tasks are written to ``results/mtl_<scale>/suite.json`` with the pilot's records and ``pilot.md``.
 2. ``queue``: for each row in priority order, a learning-rate sweep at seed 0 on the validation split
@@ -81,7 +81,7 @@ CANDIDATES = {
 SPLIT_SEED = 0
 PILOT_MARGIN = 0.08
 PILOT_LR = {"heads_only": 1e-2, "lora": 2e-3}
-PILOT_STEPS = 1500
+PILOT_STEPS = 1000
 LR_GRID = (5e-4, 1e-3, 2e-3)
 MAX_EXTENSIONS = 2
 SEEDS = (0, 1, 2)
@@ -350,45 +350,78 @@ def ensure(row: Row, lr: float, seed: int, tasks: list[Task], scale: Scale, out:
     return record
 
 
-def sweep(row: Row, tasks: list[Task], scale: Scale, out: Path, lora_lr: float | None) -> float:
-    """Run the row's lr sweep at seed 0 and return the lr with the best mean validation accuracy.
+def sweep_order(grid: tuple[float, ...]) -> list[float]:
+    """The grid's lrs in the order they are run: the middle one, then those above it, then those below."""
+    ordered = sorted(grid)
+    middle = ordered[len(ordered) // 2]
+    return [
+        middle,
+        *(lr for lr in ordered if lr > middle),
+        *sorted((lr for lr in ordered if lr < middle), reverse=True),
+    ]
 
-    The grid is extended by a factor 2 beyond an edge while the best lr sits at that edge
-    (``MAX_EXTENSIONS`` times at most). Rows without a grid take ``lora_lr``.
+
+def next_lr(row: Row, val: dict[float, float]) -> float | None:
+    """The next lr of the row's sweep at seed 0 given the validation averages so far, or ``None`` when done.
+
+    The grid is run first (:func:`sweep_order`); then, while the best lr sits at an edge of those tried,
+    the sweep extends beyond that edge by a factor 2 (``MAX_EXTENSIONS`` times at most).
     """
-    if row.lr_grid is None:
-        return float(lora_lr)
-    grid = sorted(row.lr_grid)
-    val = {lr: ensure(row, lr, 0, tasks, scale, out)["val_average"] for lr in grid}
-    for _ in range(MAX_EXTENSIONS):
-        best = max(grid, key=lambda lr: val[lr])
-        if best == grid[-1]:
-            grid.append(grid[-1] * 2)
-        elif best == grid[0]:
-            grid.insert(0, grid[0] / 2)
-        else:
-            break
-        new = grid[-1] if best == grid[-2] else grid[0]
-        val[new] = ensure(row, new, 0, tasks, scale, out)["val_average"]
-    return max(grid, key=lambda lr: val[lr])
+    for lr in sweep_order(row.lr_grid):
+        if lr not in val:
+            return lr
+    tried = sorted(val)
+    if len(tried) - len(row.lr_grid) >= MAX_EXTENSIONS:
+        return None
+    best = max(tried, key=val.__getitem__)
+    if best == tried[-1]:
+        return tried[-1] * 2
+    if best == tried[0]:
+        return tried[0] / 2
+    return None
+
+
+def sweep_step(row: Row, tasks: list[Task], scale: Scale, out: Path) -> bool:
+    """Run the row's next sweep point (seed 0); False when its sweep is complete."""
+    val = {run["lr"]: run["val_average"] for run in load_runs(out) if run["row"] == row.name and run["seed"] == 0}
+    lr = next_lr(row, val)
+    if lr is None:
+        return False
+    ensure(row, lr, 0, tasks, scale, out)
+    return True
+
+
+def selected_lr(row: Row, out: Path) -> float:
+    """The lr of the row's best seed-0 validation average."""
+    runs = [run for run in load_runs(out) if run["row"] == row.name and run["seed"] == 0]
+    return max(runs, key=lambda run: run["val_average"])["lr"]
 
 
 def queue(tasks: list[Task], scale: Scale, out: Path, only: list[str] | None) -> None:
-    """Sweep and seed every row in priority order: the first four rows' sweeps, then their seeds 1 and 2,
-    then each remaining row's sweep followed by its seeds."""
+    """Run the suite in priority order.
+
+    1. The sweeps of the first four rows (shared LoRA, MoRE with and without linear scaling, MOELoRA),
+       interleaved point by point: every row at lr 1e-3 first, then every row at 2e-3, and so on.
+    2. Seeds 1 and 2 of those rows at their selected lr.
+    3. Each remaining row: its sweep, then its three seeds (PEFT LoRA: at the lr selected for ``lora``).
+    """
     all_rows = [row for row in rows(len(tasks)) if not only or row.name in only]
-    first, rest = all_rows[:4], all_rows[4:]
-    selected: dict[str, float] = {}
-    lora_lr = None
-    for row in first:
-        selected[row.name] = sweep(row, tasks, scale, out, lora_lr)
-        lora_lr = selected.get("lora", lora_lr)
+    first = [row for row in all_rows[:4] if row.lr_grid is not None]
+    rest = [row for row in all_rows if row not in first]
+    while any([sweep_step(row, tasks, scale, out) for row in first]):
+        pass
     for seed in SEEDS[1:]:
         for row in first:
-            ensure(row, selected[row.name], seed, tasks, scale, out)
+            ensure(row, selected_lr(row, out), seed, tasks, scale, out)
+    lora = next((row for row in rows(len(tasks)) if row.name == "lora"), None)
     for row in rest:
         try:
-            lr = sweep(row, tasks, scale, out, lora_lr)
+            if row.lr_grid is None:
+                lr = selected_lr(lora, out)
+            else:
+                while sweep_step(row, tasks, scale, out):
+                    pass
+                lr = selected_lr(row, out)
             for seed in SEEDS:
                 ensure(row, lr, seed, tasks, scale, out)
         except Exception as error:  # one failing row must not stop the rest of the queue
