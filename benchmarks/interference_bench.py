@@ -136,6 +136,23 @@ def run(scale_name: str, out: Path, only: list[str] | None, seeds: tuple[int, ..
             print(f"{time.strftime('%H:%M:%S')} done {name} seed {seed}: {record['exact_match']}", flush=True)
 
 
+def separation(routing: dict[str, Any]) -> float | None:
+    """How differently a task-routed method's tasks use the adapter: the total variation distance between
+    two tasks' gates (each normalised to sum 1; 0 = the same components in the same proportions, 1 =
+    disjoint), averaged over task pairs and layers. ``None`` for input-routed methods."""
+    if routing.get("kind") != "gate":
+        return None
+    tasks = list(routing["tasks"].values())
+    distances = []
+    for first in range(len(tasks)):
+        for second in range(first + 1, len(tasks)):
+            for layer, gate in tasks[first].items():
+                a, b = sum(gate), sum(tasks[second][layer])
+                other = tasks[second][layer]
+                distances.append(0.5 * sum(abs(x / a - y / b) for x, y in zip(gate, other, strict=True)))
+    return statistics.mean(distances) if distances else None
+
+
 def _t95(n: int) -> float:
     return {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}.get(n - 1, 1.96)
 
@@ -172,11 +189,14 @@ def assemble(out: Path) -> str:
         elif name != "lora_r8" and diffs:
             paired = f"{100 * diffs[0]:+.1f} (1 seed)"
         overviews = [run["routing_overview"] for run in runs if run.get("routing_overview")]
+        separations = [value for value in (separation(run.get("routing") or {}) for run in runs) if value is not None]
         routing = "–"
+        if separations:
+            routing = f"separation {statistics.mean(separations):.2f}"
         if overviews:
             differing = statistics.mean(view["layers_differing"] for view in overviews)
             active = {task: statistics.mean(view["active"][task] for view in overviews) for task in tasks}
-            routing = f"tasks differ in {differing:.0f}/{overviews[0]['layers']} layers; active " + ", ".join(
+            routing += f"; tasks differ in {differing:.0f}/{overviews[0]['layers']} layers; active " + ", ".join(
                 f"{task} {value:.1f}" for task, value in active.items()
             )
         per_task = [_cell([run["exact_match"][task] for run in runs]) for task in tasks]
