@@ -72,7 +72,7 @@ def reference_delta(mixture: MixtureModel, x: torch.Tensor, tasks: torch.Tensor,
         delta = torch.zeros(layer.out_features)
         for weight, rank in zip(weights, candidates, strict=True):
             for i in range(rank):
-                scaling = ((i + 1) / RANK) ** 2 if options.get("linear_scaling", True) else 1.0
+                scaling = ((i + 1) / RANK) ** 2 if options.get("linear_scaling", False) else 1.0
                 delta = delta + weight * scaling * layer.scale * layer.lora_B[:, i] * (layer.lora_A[i] @ row)
         rows.append(delta)
     return torch.stack(rows)
@@ -80,7 +80,7 @@ def reference_delta(mixture: MixtureModel, x: torch.Tensor, tasks: torch.Tensor,
 
 ABLATIONS = [
     {},
-    {"linear_scaling": False},
+    {"linear_scaling": True},
     {"straight_through": False},
     {"task_embedding": False},
     {"candidate_ranks": [1, 2, 4]},
@@ -103,21 +103,25 @@ def test_options_reach_the_router() -> None:
     assert router.candidate_ranks.tolist() == [1, 2, 4]
     assert router.prefix_masks.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
     assert router.component_scaling.tolist() == [1.0] * RANK
-    scaled = tiny_layer().mixture_layers()["proj"].router.component_scaling
+    assert tiny_layer().mixture_layers()["proj"].router.component_scaling.tolist() == [1.0] * RANK  # default
+    scaled = tiny_layer(linear_scaling=True).mixture_layers()["proj"].router.component_scaling
     torch.testing.assert_close(scaled, torch.tensor([1 / 16, 4 / 16, 9 / 16, 1.0]))
     assert not hasattr(tiny_layer(task_embedding=False).mixture_layers()["proj"].router, "task_embedding")
 
 
-def test_task_gate_is_the_hard_prefix_with_scaling() -> None:
-    router = tiny_layer().mixture_layers()["proj"].router
+@pytest.mark.parametrize("linear_scaling", [False, True])
+def test_task_gate_is_the_hard_prefix_with_scaling(linear_scaling) -> None:
+    router = tiny_layer(linear_scaling=linear_scaling).mixture_layers()["proj"].router
     for task, rank in enumerate(router.chosen_ranks().tolist()):
-        expected = torch.tensor([((i + 1) / RANK) ** 2 if i < rank else 0.0 for i in range(RANK)])
+        weight = [((i + 1) / RANK) ** 2 if linear_scaling else 1.0 for i in range(RANK)]
+        expected = torch.tensor([weight[i] if i < rank else 0.0 for i in range(RANK)])
         torch.testing.assert_close(router.task_gate(task), expected)
 
 
 def test_gate_gets_a_gradient_and_its_choice_changes_in_training() -> None:
     """The release froze the ranks at the first forward; here the straight-through gradient moves the gate."""
-    mixture = tiny_layer(contrastive=False).train()
+    # the release's scaling, under which this seed's other tasks keep their ranks (the gate is shared by tasks)
+    mixture = tiny_layer(contrastive=False, linear_scaling=True).train()
     router = mixture.mixture_layers()["proj"].router
     x = torch.randn(8, 6, generator=torch.Generator().manual_seed(4))
     tasks = torch.zeros(8, dtype=torch.long)
