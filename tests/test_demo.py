@@ -146,6 +146,24 @@ def test_demo_runs_end_to_end_and_plots_only_informative_routing(fake_bigbench, 
     # per-task LoRA routes each task to its own expert; a shared LoRA's gate is one for every task
     assert outcome["routing_overview"]["lora"] is None
     assert outcome["routing_overview"]["per_task"]["layers_differing"] > 0
-    assert plots == ["choices_per_task.png", "scores.png"]
+    assert plots == ["routing_per_task.png", "scores.png"]  # its ranks are all equal: the gates show the split
     assert all(plot.is_file() for plot in outcome["plots"])
     assert "| first_word |" in capsys.readouterr().out
+
+
+def test_plots_show_ranks_where_they_differ_and_gates_where_only_the_weights_do(tmp_path):
+    pytest.importorskip("matplotlib")
+    from loramix.train.demo import _informative_plots
+
+    scores = {"first_word": {"exact_match": 0.9}, "last_word": {"exact_match": 0.5}}
+    outcome = {
+        "results": {"lora": scores, "more": scores, "moelora": scores},
+        "routing": {
+            "lora": {"kind": "gate", "tasks": {"first_word": {"l0": [1.0, 1.0]}, "last_word": {"l0": [1.0, 1.0]}}},
+            "more": {"kind": "gate", "tasks": {"first_word": {"l0": [1.0, 0.0]}, "last_word": {"l0": [1.0, 1.0]}}},
+            "moelora": {"kind": "gate", "tasks": {"first_word": {"l0": [0.9, 0.1]}, "last_word": {"l0": [0.2, 0.8]}}},
+        },
+    }
+    drawn = _informative_plots(outcome, tmp_path)
+    assert sorted(path.name for path in drawn) == ["choices_more.png", "routing_moelora.png", "scores.png"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["choices_more.png", "routing_moelora.png", "scores.png"]

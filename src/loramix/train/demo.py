@@ -214,25 +214,33 @@ def routing_overview(routing: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _informative_plots(outcome: dict[str, Any], output_dir: Path) -> list[Path]:
-    """The scores plot, and a routing plot only for runs whose tasks are routed differently."""
-    from loramix.eval.plots import matplotlib_available, plot_choices, plot_scores
+    """The scores plot, and a routing plot only for runs whose tasks are routed differently: the rank each
+    task chose when the tasks' ranks differ (MoRE), else the gate heat map (where each task's weight sits)."""
+    from loramix.eval import routing_choices
+    from loramix.eval.plots import matplotlib_available, plot_choices, plot_routing, plot_scores
 
     if not matplotlib_available():
         print("loramix demo: matplotlib is not installed; no plots (pip install matplotlib)")
         return []
     drawn = [plot_scores(outcome["results"], output_dir / "scores.png")]
     for label, summary in outcome["routing"].items():
-        if routing_overview(summary) is not None:
-            stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+        if routing_overview(summary) is None:
+            continue
+        stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+        choices = list(routing_choices(summary).values())
+        if any(choice != choices[0] for choice in choices):
             drawn.append(plot_choices(summary, output_dir / f"choices_{stem}.png", f"{label}: rank chosen by task"))
+        else:
+            drawn.append(plot_routing(summary, output_dir / f"routing_{stem}.png", f"{label}: gates by task"))
     return drawn
 
 
 def run_demo(recipe_path: str | Path | None, output_dir: str | Path, max_steps: int | None = None) -> dict[str, Any]:
     """Train each method of the demo file, evaluate them all and print the per-task table.
 
-    Plots are drawn only where they carry information: the per-task scores, and the rank each task chose
-    for methods whose tasks are routed differently (not for a shared LoRA, whose gate is the same for all).
+    Plots are drawn only where they carry information: the per-task scores, and for methods whose tasks
+    are routed differently the rank each task chose (MoRE) or the gates (per-task LoRA, MOELoRA); a
+    shared LoRA, whose gate is the same for every task, gets none.
 
     Args:
         recipe_path: the demo file (``None``: :func:`default_demo_recipe`).
