@@ -267,8 +267,10 @@ def chosen_ranks(model: torch.nn.Module, tasks: list[Task]) -> dict[str, list[in
     return {task.name: [ranks[t] for ranks in per_layer] for t, task in enumerate(tasks)}
 
 
-def train_run(row: Row, lr: float, seed: int, tasks: list[Task], scale: Scale) -> dict:
-    """Train one row at one lr and seed; return its record (val/test accuracy per task, params, time)."""
+def train_run(
+    row: Row, lr: float, seed: int, tasks: list[Task], scale: Scale, splits: tuple[str, ...] = ("val", "test")
+) -> dict:
+    """Train one row at one lr and seed; return its record (accuracy per task on ``splits``, params, time)."""
     torch.manual_seed(seed)
     device = scale.device if scale.device != "cuda" or torch.cuda.is_available() else "cpu"
     model = build_model(row, tasks).to(device)
@@ -297,8 +299,7 @@ def train_run(row: Row, lr: float, seed: int, tasks: list[Task], scale: Scale) -
     train_time = time.perf_counter() - start
     scores = {
         task.name: {
-            split: accuracy(model, [(ids, label, t) for ids, label in task.splits[split]], device)
-            for split in ("val", "test")
+            split: accuracy(model, [(ids, label, t) for ids, label in task.splits[split]], device) for split in splits
         }
         for t, task in enumerate(tasks)
     }
@@ -315,7 +316,7 @@ def train_run(row: Row, lr: float, seed: int, tasks: list[Task], scale: Scale) -
         "loss_last_50": statistics.mean(losses[-50:]),
         "scores": scores,
         "val_average": statistics.mean(score["val"] for score in scores.values()),
-        "test_average": statistics.mean(score["test"] for score in scores.values()),
+        "test_average": statistics.mean(score["test"] for score in scores.values()) if "test" in splits else None,
         "chosen_ranks": chosen_ranks(model, tasks),
     }
 
@@ -331,20 +332,29 @@ def load_runs(out: Path) -> list[dict]:
     return [json.loads(path.read_text()) for path in sorted((out / "runs").glob("*.json"))]
 
 
-def ensure(row: Row, lr: float, seed: int, tasks: list[Task], scale: Scale, out: Path) -> dict:
+def ensure(
+    row: Row,
+    lr: float,
+    seed: int,
+    tasks: list[Task],
+    scale: Scale,
+    out: Path,
+    splits: tuple[str, ...] = ("val", "test"),
+) -> dict:
     """The record of (row, lr, seed): read when its file exists, else trained now and written."""
     path = run_path(out, row.name, lr, seed)
     if path.exists():
         return json.loads(path.read_text())
     print(f"{time.strftime('%H:%M:%S')} start {row.name} lr {lr:g} seed {seed}", flush=True)
-    record = train_run(row, lr, seed, tasks, scale)
+    record = train_run(row, lr, seed, tasks, scale, splits)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     tmp.replace(path)
     print(
         f"{time.strftime('%H:%M:%S')} done {row.name} lr {lr:g} seed {seed}: val {record['val_average']:.3f} "
-        f"test {record['test_average']:.3f}, {record['trainable_params']:,} params, {record['train_time_s']:.0f}s",
+        f"test {record['test_average'] or float('nan'):.3f}, {record['trainable_params']:,} params, "
+        f"{record['train_time_s']:.0f}s",
         flush=True,
     )
     return record
@@ -542,15 +552,16 @@ def pilot(scale: Scale, out: Path, tokenizer: Any, steps: int | None) -> None:
     pilot_dir = out / "pilot"
     records = {}
     for row, lr in ((Row("heads_only", None), PILOT_LR["heads_only"]), (Row("lora", "lora"), PILOT_LR["lora"])):
-        records[row.name] = ensure(row, lr, 0, tasks, pilot_scale, pilot_dir)
+        records[row.name] = ensure(row, lr, 0, tasks, pilot_scale, pilot_dir, splits=("val",))
     heads_lr, lora_lr = PILOT_LR["heads_only"], PILOT_LR["lora"]
     lines = [
         f"Pilot: heads only (lr {heads_lr:g}) and shared LoRA r=8 (lr {lora_lr:g}), seed 0, "
         f"{pilot_scale.steps} steps of {pilot_scale.batch_size}, trained jointly on all {len(names)} candidates. "
-        f"Kept: LoRA ahead on the validation split by >= {100 * PILOT_MARGIN:.0f} points.",
+        f"Kept: LoRA ahead on the validation split by >= {100 * PILOT_MARGIN:.0f} points (the pilot never "
+        "looks at the test split).",
         "",
-        "| task | train | val | test | heads only val | LoRA val | Δ val | heads only test | LoRA test | kept |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| task | train | val | heads only val | LoRA val | Δ val | kept |",
+        "|---|---|---|---|---|---|---|",
     ]
     kept = []
     for task in tasks:
@@ -558,9 +569,9 @@ def pilot(scale: Scale, out: Path, tokenizer: Any, steps: int | None) -> None:
         delta = lora["val"] - heads["val"]
         keep = delta >= PILOT_MARGIN
         kept += [task.name] if keep else []
-        sizes = [len(task.splits[split]) for split in ("train", "val", "test")]
+        sizes = [len(task.splits[split]) for split in ("train", "val")]
         cells = [task.name, *map(str, sizes), *(f"{100 * v:.1f}" for v in (heads["val"], lora["val"]))]
-        cells += [f"{100 * delta:+.1f}", f"{100 * heads['test']:.1f}", f"{100 * lora['test']:.1f}"]
+        cells += [f"{100 * delta:+.1f}"]
         lines.append("| " + " | ".join([*cells, "yes" if keep else "no"]) + " |")
     (out / "pilot.md").write_text("\n".join(lines) + "\n")
     (out / "suite.json").write_text(json.dumps({"tasks": kept, "pilot": records}, indent=1) + "\n")
