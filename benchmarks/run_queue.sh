@@ -16,6 +16,7 @@ $PY benchmarks/interference_bench.py run --seeds 0 --rows $MAIN_ROWS moelora_4x2
 $PY benchmarks/interference_bench.py run --seeds 1 2 --rows $MAIN_ROWS
 # 2. classification suite: pilot (chooses the tasks), then the MoRE question's rows, lr sweeps interleaved
 [ -f benchmarks/results/mtl_cpu/suite.json ] || $PY benchmarks/mtl_bench.py pilot
+$PY benchmarks/mtl_bench.py assemble > /dev/null
 $PY benchmarks/mtl_bench.py queue --rows lora more_linear_scaling more_no_linear_scaling moelora_4x2
 # 3. the rest of both suites
 $PY benchmarks/interference_bench.py run --seeds 1 2 --rows moelora_4x2
