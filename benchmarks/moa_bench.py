@@ -19,6 +19,17 @@ Usage::
     python benchmarks/moa_bench.py              # full run (hours on 2 CPU cores)
     python benchmarks/moa_bench.py --quick --out /tmp/moa_quick   # tiny model and data, < 60 s
     python benchmarks/moa_bench.py --table      # benchmarks/results/moa_table.{md,json} from the JSONs
+
+Suite form (issue 11): ``--pilot`` runs the base model and per-domain experts on every candidate domain
+(:data:`CANDIDATES`) and keeps those fine-tuning lifts by >= 10 points; then one run per seed on the kept
+domains, and ``--seeds-table`` aggregates mean ± sd over seeds::
+
+    python benchmarks/moa_bench.py --scale cpu --pilot            # results/moa_cpu/pilot/pilot.md
+    python benchmarks/moa_bench.py --scale cpu --seed 0 --domains A B C D --new-domain E   # seeds 0, 1, 2
+    python benchmarks/moa_bench.py --seeds-table benchmarks/results/moa_cpu
+
+``--scale cpu``: 200 train / 100 test examples per domain, the original steps; ``--scale gpu``: every
+block adapted, 1,000 / 200 examples per domain, ten times the steps, on cuda.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +66,32 @@ DOMAINS = [
     ("elements", "periodic_elements", ["subtask_0", "subtask_1"]),
 ]
 NEW_DOMAIN = ("counting", "object_counting", None)
+ALL_BLOCKS = r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+#: Domains a pilot (``--pilot``) chooses from: (BIG-bench task, subtasks or None). Short answers only.
+CANDIDATES: dict[str, tuple[str, list[str] | None]] = {
+    "arithmetic": ("arithmetic", ["2_digit_addition", "2_digit_subtraction", "2_digit_multiplication"]),
+    "unscramble": ("word_unscrambling", None),
+    "wikidata_qa": ("qa_wikidata", None),
+    "elements": ("periodic_elements", ["subtask_0", "subtask_1"]),
+    "counting": ("object_counting", None),
+    "unit_conversion": ("unit_conversion", None),
+    "color": ("color", None),
+    "linguistic_mappings": ("linguistic_mappings", None),
+}
+PILOT_MARGIN = 0.10
+
+
+def set_domains(names: Sequence[str], new: str | None) -> None:
+    """Use these candidate domains (and this added domain) instead of the defaults."""
+    global DOMAINS, NEW_DOMAIN
+    unknown = [name for name in [*names, *([new] if new else [])] if name not in CANDIDATES]
+    if unknown:
+        raise SystemExit(f"unknown domains {unknown}; candidates: {sorted(CANDIDATES)}")
+    DOMAINS = [(name, *CANDIDATES[name]) for name in names]
+    if new:
+        NEW_DOMAIN = (new, *CANDIDATES[new])
+
+
 RUN_ORDER = ["oracle", "moa_router", "moa_added", "lora_mixed", "base", "moa_soft", "moa_router_long"]
 Item = tuple[str, list[str]]
 
@@ -78,6 +116,7 @@ class Bench:
     replay_per_domain: int = 16
     eval_batch: int = 50
     seed: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         length = {"max_length": self.max_length, "seed": self.seed}
@@ -86,6 +125,29 @@ class Bench:
         self.stage2_long = self.stage2_long or StageSettings(steps=36, per_domain_batch=2, lr=1e-2, **length)
         self.new_expert = self.new_expert or StageSettings(steps=20, per_domain_batch=4, lr=4e-3, **length)
         self.new_routers = self.new_routers or StageSettings(steps=6, per_domain_batch=1, lr=3e-3, **length)
+
+
+def scale_bench(scale: str, seed: int) -> Bench:
+    """The sizes of ``--scale cpu`` (>= 100 test examples per domain) or ``--scale gpu`` (every block of
+    SmolLM2 adapted, ten times the steps, 1,000 training and 200 test examples per domain, on cuda)."""
+    if scale == "cpu":
+        return Bench(train_per_domain=200, test_per_domain=100, seed=seed)
+    length = {"max_length": 64, "seed": seed}
+    return Bench(
+        train_per_domain=1000,
+        test_per_domain=200,
+        max_length=64,
+        targets=ALL_BLOCKS,
+        stage1=StageSettings(steps=400, per_domain_batch=8, lr=1e-3, **length),
+        stage2=StageSettings(steps=100, per_domain_batch=8, lr=3e-3, **length),
+        stage2_long=StageSettings(steps=300, per_domain_batch=8, lr=3e-3, **length),
+        new_expert=StageSettings(steps=200, per_domain_batch=16, lr=1e-3, **length),
+        new_routers=StageSettings(steps=60, per_domain_batch=4, lr=3e-3, **length),
+        replay_per_domain=64,
+        eval_batch=200,
+        seed=seed,
+        device="cuda",
+    )
 
 
 def quick_bench() -> Bench:
@@ -113,10 +175,12 @@ def quick_bench() -> Bench:
 def load_items(task: str, subtasks: Sequence[str] | None) -> list[Item]:
     """(input, reference answers) of a BIG-bench task; multiple-choice items keep their best choice."""
     root = bigbench_tasks_dir() / task
+    if subtasks is None:  # a task split into subtasks keeps its examples in them
+        subtasks = sorted(path.parent.name for path in root.glob("*/task.json")) or None
     files = [root / sub / "task.json" for sub in subtasks] if subtasks else [root / "task.json"]
     items: list[Item] = []
     for file in files:
-        for example in json.loads(file.read_text())["examples"]:
+        for example in json.loads(file.read_text()).get("examples", []):
             target = example.get("target")
             if target is None:
                 scores = example["target_scores"]
@@ -172,7 +236,8 @@ def load_base(bench: Bench, tokenizer: Any) -> torch.nn.Module:
             eos_token_id=tokenizer.eos_token_id,
         )
         return LlamaForCausalLM(config).eval()
-    return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32).eval()
+    return model.to(bench.device if bench.device != "cuda" or torch.cuda.is_available() else "cpu")
 
 
 def mixture(bench: Bench, tokenizer: Any, method: str, num_domains: int) -> MixtureModel:
@@ -216,9 +281,10 @@ def exact_match(
         correct = 0
         for start in range(0, len(items), bench.eval_batch):
             chunk = items[start : start + bench.eval_batch]
-            inputs = left_padded(tokenizer, chunk)
+            device = next(model.parameters()).device
+            inputs = {key: value.to(device) for key, value in left_padded(tokenizer, chunk).items()}
             if use_labels:
-                inputs["task_ids"] = torch.full((len(chunk),), domain, dtype=torch.long)
+                inputs["task_ids"] = torch.full((len(chunk),), domain, dtype=torch.long, device=device)
             generated = model.generate(
                 **inputs,
                 max_new_tokens=bench.max_new_tokens,
@@ -242,8 +308,9 @@ def router_stats(model: MixtureModel, tokenizer: Any, tests: list[list[Item]], b
     for domain, items in enumerate(tests):
         for start in range(0, len(items), bench.eval_batch):
             chunk = items[start : start + bench.eval_batch]
-            labels = torch.full((len(chunk),), domain, dtype=torch.long)
-            model(**left_padded(tokenizer, chunk), task_ids=labels)
+            device = next(model.parameters()).device
+            labels = torch.full((len(chunk),), domain, dtype=torch.long, device=device)
+            model(**{key: value.to(device) for key, value in left_padded(tokenizer, chunk).items()}, task_ids=labels)
             chosen = torch.stack([record["experts"] for record in model.last_records.values()])
             for name, record in model.last_records.items():
                 hits[name] = hits.get(name, 0) + int((record["experts"] == labels).sum())
@@ -269,6 +336,7 @@ class Runner:
         path = str(smollm2_path())
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.names = [name for name, _, _ in DOMAINS]
+        self.n = len(DOMAINS)
         self.train: list[list] = []
         self.test: list[list[Item]] = []
         for name, task, subtasks in [*DOMAINS, NEW_DOMAIN]:
@@ -307,8 +375,8 @@ class Runner:
 
     def lora_mixed(self) -> MixtureModel:
         def build() -> MixtureModel:
-            model = mixture(self.bench, self.tokenizer, "lora", 4)
-            domains = dict(enumerate(self.train[:4]))
+            model = mixture(self.bench, self.tokenizer, "lora", self.n)
+            domains = dict(enumerate(self.train[: self.n]))
             train_adapters(model, domains, self._settings(self.bench.stage1), self._log("lora_mixed"))
             return model
 
@@ -316,8 +384,8 @@ class Runner:
 
     def stage1(self) -> MixtureModel:
         def build() -> MixtureModel:
-            model = mixture(self.bench, self.tokenizer, "moa", 4)
-            domains = dict(enumerate(self.train[:4]))
+            model = mixture(self.bench, self.tokenizer, "moa", self.n)
+            domains = dict(enumerate(self.train[: self.n]))
             train_experts(model, domains, self._settings(self.bench.stage1), self._log("stage1"))
             return model
 
@@ -329,7 +397,7 @@ class Runner:
         def build() -> MixtureModel:
             model = self.stage1()
             model.requires_grad_(False)
-            train_routers(model, dict(enumerate(self.train[:4])), self._settings(settings), self._log(tag))
+            train_routers(model, dict(enumerate(self.train[: self.n])), self._settings(settings), self._log(tag))
             return model
 
         return self._cached(tag, build)
@@ -337,10 +405,10 @@ class Runner:
     def added(self) -> MixtureModel:
         def build() -> MixtureModel:
             model = self.stage2()
-            replay = {d: self.train[d][: self.bench.replay_per_domain] for d in range(4)}
+            replay = {d: self.train[d][: self.bench.replay_per_domain] for d in range(self.n)}
             add_domain(
                 model,
-                self.train[4],
+                self.train[self.n],
                 replay,
                 self._settings(self.bench.new_expert),
                 self._settings(self.bench.new_routers),
@@ -352,7 +420,7 @@ class Runner:
 
     def run(self, name: str) -> dict[str, Any]:
         """Compute one run's result."""
-        tests, names = self.test[:4], self.names
+        tests, names = self.test[: self.n], self.names
         result: dict[str, Any] = {"domains": names}
         start = time.time()
         if name == "base":
@@ -429,12 +497,14 @@ def table(out: Path, command: str) -> str:
     paths = {name: out / f"{name}.json" for name in RUN_ORDER}
     results = {name: json.loads(path.read_text()) for name, path in paths.items() if path.is_file()}
     names = [name for name, _, _ in DOMAINS] + [NEW_DOMAIN[0]]
-    rows = ["| run | " + " | ".join(names) + " | mean (4 old) | router acc. (vote / mean layer) | train s |"]
+    rows = [
+        "| run | " + " | ".join(names) + f" | mean ({len(DOMAINS)} old) | router acc. (vote / mean layer) | train s |"
+    ]
     rows.append("|" + "---|" * (len(names) + 4))
     for run, result in results.items():
         scores = dict(zip(result["domains"], result["exact_match"], strict=True))
         cells = [f"{100 * scores[name]:.0f}" if name in scores else "–" for name in names]
-        old = [scores[name] for name in names[:4]]
+        old = [scores[name] for name in names[: len(DOMAINS)]]
         router = result.get("router")
         router_cell = "–"
         if router:
@@ -443,15 +513,15 @@ def table(out: Path, command: str) -> str:
         rows.append(
             f"| {run} | "
             + " | ".join(cells)
-            + f" | {100 * sum(old) / 4:.1f} | {router_cell} | "
+            + f" | {100 * sum(old) / len(old):.1f} | {router_cell} | "
             + (f"{seconds:.0f}" if seconds else "–")
             + " |"
         )
         if "exact_match_with_label" in result:
             label = dict(zip(result["domains"], result["exact_match_with_label"], strict=True))
             cells = [f"{100 * label[name]:.0f}" for name in names]
-            old = [label[name] for name in names[:4]]
-            rows.append(f"| {run} (label) | " + " | ".join(cells) + f" | {100 * sum(old) / 4:.1f} | – | – |")
+            old = [label[name] for name in names[: len(DOMAINS)]]
+            rows.append(f"| {run} (label) | " + " | ".join(cells) + f" | {100 * sum(old) / len(old):.1f} | – | – |")
     markdown = "\n".join(rows)
     text = f"# MoA benchmark (exact match, %)\n\nCommand: `{command}`\n\n{markdown}\n"
     if results:
@@ -463,22 +533,109 @@ def table(out: Path, command: str) -> str:
     return text
 
 
+def pilot(bench: Bench, out: Path, adapters: Path) -> str:
+    """Base model and per-domain experts (oracle) on every candidate domain; keep those lifted by >= 10 points.
+
+    Writes ``out/pilot.md`` and ``out/pilot.json`` (with the kept domains) and returns the Markdown.
+    """
+    set_domains(list(CANDIDATES), None)
+    global NEW_DOMAIN
+    NEW_DOMAIN = DOMAINS[-1]  # the runner reads one more domain; unused by base/oracle on the candidates
+    run_all(bench, out, adapters, ["base", "oracle"])
+    base = json.loads((out / "base.json").read_text())
+    oracle = json.loads((out / "oracle.json").read_text())
+    base_scores = dict(zip(base["domains"], base["exact_match"], strict=False))
+    oracle_scores = dict(zip(oracle["domains"], oracle["exact_match"], strict=True))
+    lines = ["| domain | base | oracle (per-domain LoRA) | lift | kept |", "|---|---|---|---|---|"]
+    kept = []
+    for name, score in oracle_scores.items():
+        lift = score - base_scores[name]
+        kept += [name] if lift >= PILOT_MARGIN else []
+        lines.append(
+            f"| {name} | {100 * base_scores[name]:.0f} | {100 * score:.0f} | {100 * lift:+.0f} | "
+            f"{'yes' if lift >= PILOT_MARGIN else 'no'} |"
+        )
+    markdown = "\n".join(lines) + f"\n\nKept (lift >= {100 * PILOT_MARGIN:.0f} points): {kept}\n"
+    (out / "pilot.md").write_text(markdown)
+    (out / "pilot.json").write_text(json.dumps({"kept": kept, "base": base_scores, "oracle": oracle_scores}) + "\n")
+    return markdown
+
+
+def seeds_table(root: Path) -> str:
+    """Mean ± sd over the ``seed*`` folders of ``root`` of every run's exact match per domain; writes
+    ``root/moa_seeds_table.md``."""
+    results: dict[str, list[dict]] = {}
+    for folder in sorted(root.glob("seed*")):
+        for name in RUN_ORDER:
+            path = folder / f"{name}.json"
+            if path.is_file():
+                results.setdefault(name, []).append(json.loads(path.read_text()))
+    if not results:
+        return "no runs yet\n"
+    names: list[str] = []
+    for records in results.values():
+        names += [name for name in records[0]["domains"] if name not in names]
+    lines = ["| run | seeds | " + " | ".join(names) + " | router vote |", "|" + "---|" * (len(names) + 3)]
+    for run, records in results.items():
+        cells = []
+        for name in names:
+            values = [dict(zip(r["domains"], r["exact_match"], strict=True)).get(name) for r in records]
+            values = [value for value in values if value is not None]
+            if not values:
+                cells.append("–")
+            elif len(values) == 1:
+                cells.append(f"{100 * values[0]:.1f}")
+            else:
+                cells.append(f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}")
+        votes = [r["router"]["vote_accuracy"] for r in records if r.get("router")]
+        vote = f"{100 * statistics.mean(votes):.0f}" if votes else "–"
+        lines.append(f"| {run} | {len(records)} | " + " | ".join(cells) + f" | {vote} |")
+    markdown = "\n".join(lines) + "\n"
+    (root / "moa_seeds_table.md").write_text(markdown)
+    return markdown
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model and data (for tests)")
     parser.add_argument("--table", action="store_true", help="only write the table from existing JSONs")
-    parser.add_argument("--out", type=Path, default=RESULTS / "moa", help="folder of the per-run JSONs")
+    parser.add_argument("--scale", choices=["cpu", "gpu"], help="preset sizes (default: the original small run)")
+    parser.add_argument("--seed", type=int, default=0, help="split and training seed")
+    parser.add_argument("--domains", nargs="*", help=f"old domains, from {sorted(CANDIDATES)}")
+    parser.add_argument("--new-domain", help="the domain added to the trained MoA")
+    parser.add_argument("--pilot", action="store_true", help="base and oracle on every candidate domain")
+    parser.add_argument("--seeds-table", type=Path, help="only aggregate the seed*/ folders of this directory")
+    parser.add_argument("--out", type=Path, help="folder of the per-run JSONs")
     parser.add_argument("--runs", nargs="*", default=RUN_ORDER, choices=RUN_ORDER)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.seeds_table:
+        print(seeds_table(args.seeds_table))
+        return
+    if args.domains or args.new_domain:
+        set_domains(args.domains or [name for name, _, _ in DOMAINS], args.new_domain)
     command = "python benchmarks/moa_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.quick:
+        bench = quick_bench()
+    elif args.scale:
+        bench = scale_bench(args.scale, args.seed)
+    else:
+        bench = Bench(seed=args.seed)
+    tag = f"moa_{args.scale}" if args.scale else "moa"
+    out = args.out or (RESULTS / tag / f"seed{args.seed}" if args.scale else RESULTS / "moa")
+    adapters = cache_dir() / f"{tag}_bench" / f"seed{args.seed}"
+    if args.quick:
+        adapters = out / "adapters"
+    elif not args.scale and args.seed == 0:
+        adapters = cache_dir() / "moa_bench"  # where the committed table's adapters were cached
+    if args.pilot:
+        print(pilot(bench, out / "pilot" if not args.out else out, adapters / "pilot"))
+        return
     if not args.table:
-        bench = quick_bench() if args.quick else Bench()
-        adapters = args.out / "adapters" if args.quick else cache_dir() / "moa_bench"
-        run_all(bench, args.out, adapters, args.runs)
-    print(table(args.out, command))
+        run_all(bench, out, adapters, args.runs)
+    print(table(out, command))
 
 
 if __name__ == "__main__":

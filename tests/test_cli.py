@@ -225,14 +225,6 @@ def test_shipped_recipes_load_and_round_trip(name, tmp_path):
     assert Recipe.from_yaml(tmp_path / "copy.yaml") == recipe
 
 
-def test_demo_file_gives_one_recipe_per_method(tmp_path):
-    from loramix.train.demo import demo_recipes
-
-    recipes = demo_recipes(yaml.safe_load((RECIPES / "demo.yaml").read_text()), tmp_path, max_steps=3)
-    assert [recipe.label for recipe in recipes] == ["more", "lora"]
-    assert all(recipe.training.max_steps == 3 and recipe.output_dir.startswith(str(tmp_path)) for recipe in recipes)
-
-
 def test_add_domain_keeps_earlier_experts(tmp_path):
     recipe = _recipe(
         tmp_path,

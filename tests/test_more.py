@@ -73,7 +73,7 @@ def reference_delta(mixture: MixtureModel, x: torch.Tensor, tasks: torch.Tensor,
         delta = torch.zeros(layer.out_features)
         for weight, rank in zip(weights, candidates, strict=True):
             for i in range(rank):
-                scaling = ((i + 1) / RANK) ** 2 if options.get("linear_scaling", True) else 1.0
+                scaling = ((i + 1) / RANK) ** 2 if options.get("linear_scaling", False) else 1.0
                 delta = delta + weight * scaling * layer.scale * layer.lora_B[:, i] * (layer.lora_A[i] @ row)
         rows.append(delta)
     return torch.stack(rows)
@@ -81,7 +81,7 @@ def reference_delta(mixture: MixtureModel, x: torch.Tensor, tasks: torch.Tensor,
 
 ABLATIONS = [
     {},
-    {"linear_scaling": False},
+    {"linear_scaling": True},
     {"straight_through": False},
     {"task_embedding": False},
     {"candidate_ranks": [1, 2, 4]},
@@ -104,21 +104,25 @@ def test_options_reach_the_router() -> None:
     assert router.candidate_ranks.tolist() == [1, 2, 4]
     assert router.prefix_masks.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
     assert router.component_scaling.tolist() == [1.0] * RANK
-    scaled = tiny_layer().mixture_layers()["proj"].router.component_scaling
+    assert tiny_layer().mixture_layers()["proj"].router.component_scaling.tolist() == [1.0] * RANK  # default
+    scaled = tiny_layer(linear_scaling=True).mixture_layers()["proj"].router.component_scaling
     torch.testing.assert_close(scaled, torch.tensor([1 / 16, 4 / 16, 9 / 16, 1.0]))
     assert not hasattr(tiny_layer(task_embedding=False).mixture_layers()["proj"].router, "task_embedding")
 
 
-def test_task_gate_is_the_hard_prefix_with_scaling() -> None:
-    router = tiny_layer().mixture_layers()["proj"].router
+@pytest.mark.parametrize("linear_scaling", [False, True])
+def test_task_gate_is_the_hard_prefix_with_scaling(linear_scaling) -> None:
+    router = tiny_layer(linear_scaling=linear_scaling).mixture_layers()["proj"].router
     for task, rank in enumerate(router.chosen_ranks().tolist()):
-        expected = torch.tensor([((i + 1) / RANK) ** 2 if i < rank else 0.0 for i in range(RANK)])
+        weight = [((i + 1) / RANK) ** 2 if linear_scaling else 1.0 for i in range(RANK)]
+        expected = torch.tensor([weight[i] if i < rank else 0.0 for i in range(RANK)])
         torch.testing.assert_close(router.task_gate(task), expected)
 
 
 def test_gate_gets_a_gradient_and_its_choice_changes_in_training() -> None:
     """The release froze the ranks at the first forward; here the straight-through gradient moves the gate."""
-    mixture = tiny_layer(contrastive=False).train()
+    # the release's scaling, under which this seed's other tasks keep their ranks (the gate is shared by tasks)
+    mixture = tiny_layer(contrastive=False, linear_scaling=True).train()
     router = mixture.mixture_layers()["proj"].router
     x = torch.randn(8, 6, generator=torch.Generator().manual_seed(4))
     tasks = torch.zeros(8, dtype=torch.long)
@@ -304,3 +308,28 @@ def test_quick_benchmark_runs(tmp_path: Path, monkeypatch) -> None:
     assert [record["variant"] for record in records] == ["lora_r8", "more_r8"]
     assert set(records[1]["chosen_ranks"]) == {"multiemo_en", "hyperbaton"}
     assert "more_r8" in (tmp_path / "runs_table.md").read_text()
+
+
+def test_mixtures_saved_before_the_default_change_load_with_linear_scaling(tmp_path):
+    """loramix 0.2.0 turned MoRE's linear scaling off by default; a 0.1.0 save that relied on the old default
+    (no ``linear_scaling`` key) still loads with it on, so its outputs are the ones it was trained with."""
+    config = MixtureConfig(
+        method="more", target_modules=TARGETS["llama"], r=4, num_tasks=2, method_options={"linear_scaling": True}
+    )
+    trained = get_mixture_model(build("llama"), config)
+    randomize_adapters(trained)
+    trained.eval()
+    inputs = batch("llama")
+    with torch.no_grad():
+        expected = trained(**inputs, task_ids=[0, 1, 0]).logits
+    trained.save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / "loramix_config.json"
+    saved = json.loads(path.read_text())
+    del saved["method_options"]["linear_scaling"]
+    for version, scaled in (("0.1.0", True), ("0.2.0", False)):
+        path.write_text(json.dumps({**saved, "loramix_version": version}))
+        loaded = MixtureModel.from_pretrained(build("llama"), tmp_path / "old")
+        assert loaded.mixture_config.method_options.get("linear_scaling", False) is scaled
+        with torch.no_grad():
+            got = loaded(**inputs, task_ids=[0, 1, 0]).logits
+        assert torch.equal(got, expected) is scaled, version

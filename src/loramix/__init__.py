@@ -1,6 +1,6 @@
 """loramix: multi-task fine-tuning of transformers with mixtures of low-rank (LoRA) experts."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from loramix.config import ConfigError, MixtureConfig  # noqa: E402
 from loramix.layer import MixtureLinear  # noqa: E402

@@ -33,6 +33,35 @@ from loramix.methods import get_method
 WEIGHTS_NAME = "adapter_model.safetensors"
 #: Keys ``save_pretrained`` adds to the saved config beyond the mixture config.
 SAVE_ONLY_KEYS = ("loramix_version", "target_layers")
+#: Method options whose default changed, with the default of the versions before the change: a mixture saved
+#: by such a version without the option set was trained with the old default, and loads with it.
+CHANGED_DEFAULTS = {"more": {"linear_scaling": ((0, 2, 0), True)}}
+
+
+def _version_tuple(text: Any) -> tuple[int, ...]:
+    """``"0.1.0"`` -> ``(0, 1, 0)``; a missing or unreadable version counts as the oldest."""
+    try:
+        return tuple(int(part) for part in str(text).split(".")[:3])
+    except ValueError:
+        return (0,)
+
+
+def apply_changed_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the defaults of the loramix version that saved it made explicit (a copy).
+
+    Args:
+        data: the saved config as read from disk (with its ``loramix_version``).
+    """
+    changed = CHANGED_DEFAULTS.get(data.get("method"), {})
+    saved_by = _version_tuple(data.get("loramix_version", "0"))
+    options = data.get("method_options")
+    options = dict(options) if isinstance(options, dict) else options
+    for name, (since, old_default) in changed.items():
+        if saved_by < since and isinstance(options, dict) and name not in options:
+            options[name] = old_default
+    return {**data, "method_options": options} if options is not None else dict(data)
+
+
 # An adapter may hold at most this many parameters more than 4x its base model (a guard against absurd sizes,
 # checked before anything is allocated).
 _SIZE_SLACK = 2**24
@@ -628,6 +657,7 @@ class MixtureModel(nn.Module):
         config_path = mixture_config_file(directory)
         data = read_json_file(config_path)
         if isinstance(data, dict):
+            data = apply_changed_defaults(data)
             for key in SAVE_ONLY_KEYS:
                 data.pop(key, None)
         config = MixtureConfig._from_file(config_path, data)

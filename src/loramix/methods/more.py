@@ -7,7 +7,7 @@ task::
     p_t = softmax(W_g e_t + b_g)                 over the candidate ranks (e_t: row t of a task table)
     k_t = argmax p_t                             (hard choice)
     ĝ   = p_t[k_t] - stopgrad(p_t[k_t]) + 1      (straight-through: value 1, gradient of p_t[k_t])
-    g   = prefix_mask(k_t) · ĝ · w               (linear scaling w_i = (i / R)², i = 1..R)
+    g   = prefix_mask(k_t) · ĝ · w               (w = 1; with linear scaling w_i = (i / R)², i = 1..R)
     h   = W0 x + s · B diag(g) A x
 
 and a contrastive loss (InfoNCE) pulls each sequence's pooled layer input towards its own task's
@@ -21,8 +21,15 @@ Decisions loramix makes (documented, differing from the release where its code w
   forward from the weights that ``save_pretrained`` writes bit for bit, so training, a reloaded model,
   a merged model and an exported adapter all use the same rank. The selector really trains: its
   straight-through gradient moves ``p_t[k_t]`` and the argmax can change during training.
-- **Linear scaling** is the release's form: A's row i and B's column i both scaled by i/R, i.e.
-  component i weighs (i/R)². ``linear_scaling: false`` is the paper's ablation.
+- **Linear scaling is off by default** (``linear_scaling: true`` restores the release's form: A's row i
+  and B's column i both scaled by i/R, i.e. component i weighs (i/R)²). The weights shrink a rank-k
+  prefix's delta to s · Σ_{i≤k} (i/R)² (0.47 s at k = 4 of R = 8) against s per component for a LoRA,
+  so under Adam's fixed step sizes MoRE's function moves several times more slowly. Measured
+  (``benchmarks/results/suites_findings.md``): on the interference suite (SmolLM2, two target rules over
+  the same inputs) linear scaling left MoRE fitting one rule only, about 29 points below MoRE without it
+  on every seed; on the MiniLM classification table at lr 1e-3 it cost 2.7 points (positive on all three
+  seeds) and needed a 3x learning rate to catch up. Adapters saved before this default changed and
+  relying on it must now say ``linear_scaling: true``.
 - **Contrastive pooling**: ``"first"`` (the layer input at the first token, as the release, for
   encoders) or ``"mean"`` (mean over non-pad tokens; use it for decoders, whose first token is BOS). The
   loss is computed in training mode only.
@@ -32,7 +39,7 @@ Decisions loramix makes (documented, differing from the release where its code w
 Options (``method_options``), with their defaults:
 
 - ``candidate_ranks`` (all of 1..R): the ranks the selector chooses among, e.g. ``[1, 2, 4, 8]``.
-- ``linear_scaling`` (true): weigh component i by (i/R)².
+- ``linear_scaling`` (false): weigh component i by (i/R)², as MoRE's release does.
 - ``task_embedding`` (true): off, the gate is a learned per-task logit table (T × candidates), with no
   embedding and so no contrastive loss.
 - ``contrastive`` (same as ``task_embedding``): add the contrastive loss.
@@ -64,7 +71,7 @@ class MoREOptions(MethodOptions):
     """MoRE's ``method_options`` (see the module docstring); after parsing every field is filled in."""
 
     candidate_ranks: tuple[int, ...] | None = option(None, low=1)
-    linear_scaling: bool = True
+    linear_scaling: bool = False
     task_embedding: bool = True
     contrastive: bool | None = None
     straight_through: bool = True

@@ -1,13 +1,30 @@
 """``loramix demo``: train several methods on one recipe, then compare them per task.
 
-The demo file is YAML with two sections: ``recipe`` (a recipe shared by every method, without
-``mixture``) and ``methods`` (a list of ``{name, mixture}``).
+The demo file is YAML with two sections, ``recipe`` (a recipe shared by every method, without
+``mixture``) and ``methods`` (a list of ``{name, mixture}``), and an optional third, ``interference``,
+which derives tasks that share their inputs but not their outputs:
+
+.. code-block:: yaml
+
+    interference:
+      bigbench: sports_understanding      # where the input texts come from
+      max_examples: 600                   # inputs read (every task gets all of them)
+      rules: [first_word, last_word]      # one task per rule (see INTERFERENCE_RULES)
+
+Each rule becomes a generation task whose target is that rule applied to the input (the first word of
+"Jamal Murray was perfect from the line" is "Jamal", its last word "line"). The input text is the same in
+every task and carries nothing that names the task, so one shared adapter has to give one answer per
+input and cannot fit two rules, while a method that routes by the task id can fit each. The rules'
+JSON Lines files are written under the demo's output directory and appended to ``recipe.data.tasks``.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +35,21 @@ from loramix.train.settings import RecipeError
 
 DEMO_RECIPE = "demo.yaml"
 _METHOD_KEYS = {"name", "mixture"}
+_INTERFERENCE_KEYS = {"bigbench", "max_examples", "rules"}
+_WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text)
+
+
+#: Target rules of the interference tasks: input text -> target (each needs inputs of at least 2 words).
+INTERFERENCE_RULES: dict[str, Callable[[str], str]] = {
+    "first_word": lambda text: _words(text)[0],
+    "last_word": lambda text: _words(text)[-1],
+    "second_word": lambda text: _words(text)[1],
+    "second_last_word": lambda text: _words(text)[-2],
+}
 
 
 def default_demo_recipe() -> Path:
@@ -33,31 +65,182 @@ def default_demo_recipe() -> Path:
     raise RecipeError(f"no demo recipe found at {[str(path) for path in candidates]}; pass --recipe")
 
 
+def _check_interference(spec: Any) -> None:
+    if not isinstance(spec, dict) or set(spec) - _INTERFERENCE_KEYS or not {"bigbench", "rules"} <= set(spec):
+        raise RecipeError(f"interference needs the keys bigbench and rules (optional max_examples), found {spec!r}")
+    rules = spec["rules"]
+    if not isinstance(rules, list) or len(rules) < 2 or len(set(rules)) != len(rules):
+        raise RecipeError(f"interference.rules must list at least 2 different rules, got {rules!r}")
+    unknown = [rule for rule in rules if rule not in INTERFERENCE_RULES]
+    if unknown:
+        raise RecipeError(f"interference.rules: unknown {unknown}; known rules are {sorted(INTERFERENCE_RULES)}")
+
+
+def interference_examples(bigbench: str, rules: list[str], max_examples: int | None = None) -> dict[str, list[dict]]:
+    """The records of each rule's task over the same BIG-bench inputs.
+
+    Inputs whose rules would give the same target for two rules (e.g. a one-word text) are left out, so
+    every kept input needs a different answer in every task.
+
+    Args:
+        bigbench: a BIG-bench task or subtask whose ``input`` texts are used.
+        rules: names from :data:`INTERFERENCE_RULES`.
+        max_examples: read only the task's first this many examples.
+
+    Returns:
+        ``{rule: [{"text": input, "target": rule(input)}, ...]}``, the inputs in the same order for every
+        rule.
+
+    Raises:
+        RecipeError: an unknown rule, or no input left.
+    """
+    from loramix.data.bigbench import load_bigbench_task
+
+    _check_interference({"bigbench": bigbench, "rules": list(rules)})
+    task = load_bigbench_task(bigbench, mode="generation", max_examples=max_examples)
+    texts = []
+    for example in task.examples:
+        words = _words(example.text)
+        if len(words) < 4:
+            continue
+        targets = [INTERFERENCE_RULES[rule](example.text) for rule in rules]
+        if len(set(targets)) == len(targets):
+            texts.append(example.text)
+    if not texts:
+        raise RecipeError(f"interference: no input of {bigbench!r} gives a different target for each of {rules}")
+    return {rule: [{"text": text, "target": INTERFERENCE_RULES[rule](text)} for text in texts] for rule in rules}
+
+
+def write_interference_tasks(spec: dict[str, Any], directory: Path) -> list[dict[str, str]]:
+    """Write one JSON Lines file per rule under ``directory``; return their ``data.tasks`` entries.
+
+    Raises:
+        RecipeError: the ``interference`` section is malformed (nothing is written).
+    """
+    records = interference_examples(spec["bigbench"], spec["rules"], spec.get("max_examples"))
+    return _write_tasks(records, directory)
+
+
+def _write_tasks(records: dict[str, list[dict]], directory: Path) -> list[dict[str, str]]:
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for rule, rows in records.items():
+        path = directory / f"{rule}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        entries.append({"jsonl": str(path), "task": rule})
+    return entries
+
+
+def _check_mixture(recipe: Recipe) -> None:
+    """Raise the error training would raise for the recipe's ``mixture``, before anything is trained."""
+    from loramix.data.sources import TaskSet
+    from loramix.train.build import mixture_config
+
+    names = [source.task or source.bigbench or source.jsonl or source.hf for source in recipe.data.tasks]
+    try:
+        mixture_config(recipe, TaskSet(names))
+    except RecipeError as error:
+        raise RecipeError(f"methods[{recipe.label!r}]: {error}") from None
+
+
 def demo_recipes(spec: dict[str, Any], output_dir: Path, max_steps: int | None = None) -> list[Recipe]:
     """One recipe per method of a demo file, each writing to ``output_dir / <name>``.
 
+    With an ``interference`` section, its tasks' files are written under ``output_dir / "data"``, after
+    every recipe has been checked.
+
     Raises:
-        RecipeError: the file lacks a section or a method entry is malformed.
+        RecipeError: the file lacks a section, a method entry or the interference section is malformed;
+            nothing is written then.
     """
-    unknown = sorted(set(spec) - {"recipe", "methods"})
+    unknown = sorted(set(spec) - {"recipe", "methods", "interference"})
     if unknown or "recipe" not in spec or not spec.get("methods"):
-        raise RecipeError(f"a demo file has the sections 'recipe' and 'methods' (found {sorted(spec)})")
-    recipes = []
+        raise RecipeError(
+            f"a demo file has the sections 'recipe' and 'methods' (and optionally 'interference'); found {sorted(spec)}"
+        )
     for index, entry in enumerate(spec["methods"]):
         if not isinstance(entry, dict) or set(entry) != _METHOD_KEYS:
             raise RecipeError(f"methods[{index}] must have exactly the keys name and mixture")
-        mixture = entry["mixture"]
-        data = copy.deepcopy(spec["recipe"])
-        data.update(name=entry["name"], mixture=mixture, output_dir=str(output_dir / entry["name"]))
+    base = copy.deepcopy(spec["recipe"])
+    records: dict[str, list[dict]] = {}
+    data_dir = Path(output_dir) / "data"
+    if "interference" in spec:
+        interference = spec["interference"]
+        _check_interference(interference)
+        records = interference_examples(
+            interference["bigbench"], interference["rules"], interference.get("max_examples")
+        )
+        base.setdefault("data", {})
+        derived = [{"jsonl": str(data_dir / f"{rule}.jsonl"), "task": rule} for rule in records]
+        base["data"]["tasks"] = list(base["data"].get("tasks") or []) + derived
+    recipes = []
+    for entry in spec["methods"]:
+        data = copy.deepcopy(base)
+        data.update(name=entry["name"], mixture=entry["mixture"], output_dir=str(Path(output_dir) / entry["name"]))
         recipe = Recipe.from_dict(data)
+        _check_mixture(recipe)
         if max_steps:
             recipe.training.max_steps = max_steps
         recipes.append(recipe)
+    if records:
+        _write_tasks(records, data_dir)
     return recipes
+
+
+def routing_overview(routing: dict[str, Any]) -> dict[str, Any] | None:
+    """How a task-routed method divides the work, in numbers (``None`` when every task's gate is the same).
+
+    Args:
+        routing: one run's :func:`loramix.eval.routing.routing_summary`.
+
+    Returns:
+        ``{"layers": L, "layers_differing": layers where some tasks' gates differ, "active": {task: mean
+        number of active rank components per layer}}``, or ``None`` for input-routed methods and for
+        methods whose tasks all share one gate (a shared LoRA).
+    """
+    if routing.get("kind") != "gate" or not routing.get("tasks"):
+        return None
+    tasks = routing["tasks"]
+    first = next(iter(tasks.values()))
+    layers = list(first)
+    differing = sum(1 for layer in layers if any(gates[layer] != first[layer] for gates in tasks.values()))
+    if differing == 0:
+        return None
+    active = {
+        task: sum(sum(value > 0 for value in gates[layer]) for layer in layers) / len(layers)
+        for task, gates in tasks.items()
+    }
+    return {"layers": len(layers), "layers_differing": differing, "active": active}
+
+
+def _informative_plots(outcome: dict[str, Any], output_dir: Path) -> list[Path]:
+    """The scores plot, and a routing plot only for runs whose tasks are routed differently: the rank each
+    task chose when the tasks' ranks differ (MoRE), else the gate heat map (where each task's weight sits)."""
+    from loramix.eval import routing_choices
+    from loramix.eval.plots import matplotlib_available, plot_choices, plot_routing, plot_scores
+
+    if not matplotlib_available():
+        print("loramix demo: matplotlib is not installed; no plots (pip install matplotlib)")
+        return []
+    drawn = [plot_scores(outcome["results"], output_dir / "scores.png")]
+    for label, summary in outcome["routing"].items():
+        if routing_overview(summary) is None:
+            continue
+        stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+        choices = list(routing_choices(summary).values())
+        if any(choice != choices[0] for choice in choices):
+            drawn.append(plot_choices(summary, output_dir / f"choices_{stem}.png", f"{label}: rank chosen by task"))
+        else:
+            drawn.append(plot_routing(summary, output_dir / f"routing_{stem}.png", f"{label}: gates by task"))
+    return drawn
 
 
 def run_demo(recipe_path: str | Path | None, output_dir: str | Path, max_steps: int | None = None) -> dict[str, Any]:
     """Train each method of the demo file, evaluate them all and print the per-task table.
+
+    Plots are drawn only where they carry information: the per-task scores, and for methods whose tasks
+    are routed differently the rank each task chose (MoRE) or the gates (per-task LoRA, MOELoRA); a
+    shared LoRA, whose gate is the same for every task, gets none.
 
     Args:
         recipe_path: the demo file (``None``: :func:`default_demo_recipe`).
@@ -65,7 +248,8 @@ def run_demo(recipe_path: str | Path | None, output_dir: str | Path, max_steps: 
         max_steps: override every method's training steps.
 
     Returns:
-        What :func:`loramix.eval.evaluate_adapters` returns.
+        What :func:`loramix.eval.evaluate_adapters` returns, with ``plots`` the plots drawn and
+        ``routing_overview`` by run (see :func:`routing_overview`).
     """
     from loramix.eval import evaluate_adapters, markdown_table
     from loramix.train.pipeline import train_recipe
@@ -81,10 +265,19 @@ def run_demo(recipe_path: str | Path | None, output_dir: str | Path, max_steps: 
         train_recipe(recipe)
         adapters.append(Path(recipe.output_dir) / "adapter")
     print("loramix demo: evaluating")
-    outcome = evaluate_adapters(adapters, output_dir / "report")
+    outcome = evaluate_adapters(adapters, output_dir / "report", plots=False)
+    outcome["plots"] = _informative_plots(outcome, output_dir / "report")
+    outcome["routing_overview"] = {label: routing_overview(summary) for label, summary in outcome["routing"].items()}
     minutes = (time.perf_counter() - started) / 60
     print()
     print(markdown_table(outcome["results"]))
+    for label, overview in outcome["routing_overview"].items():
+        if overview:
+            active = ", ".join(f"{task} {value:.1f}" for task, value in overview["active"].items())
+            print(
+                f"{label}: tasks routed differently in {overview['layers_differing']} of {overview['layers']} "
+                f"adapted layers; mean active rank components per layer: {active}"
+            )
     print(f"report: {outcome['markdown']} (and {outcome['report'].name})")
     for plot in outcome["plots"]:
         print(f"plot: {plot}")

@@ -1,0 +1,107 @@
+"""The benchmark suites' bookkeeping: the lr sweep's order and stopping rule, and the tables' statistics."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str, monkeypatch):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def mtl(monkeypatch):
+    return _load("mtl_bench", monkeypatch)
+
+
+def test_sweep_runs_the_middle_first_and_extends_only_past_a_winning_edge(mtl):
+    row = mtl.Row("lora", "lora", lr_grid=(5e-4, 1e-3, 2e-3))
+    assert mtl.sweep_order(row.lr_grid) == [1e-3, 2e-3, 5e-4]
+    assert mtl.next_lr(row, {}) == 1e-3
+    assert mtl.next_lr(row, {1e-3: 0.7}) == 2e-3
+    assert mtl.next_lr(row, {1e-3: 0.7, 2e-3: 0.6}) == 5e-4
+    assert mtl.next_lr(row, {1e-3: 0.7, 2e-3: 0.6, 5e-4: 0.65}) is None  # best inside the grid
+    assert mtl.next_lr(row, {1e-3: 0.7, 2e-3: 0.8, 5e-4: 0.65}) == 4e-3  # best at the top edge
+    assert mtl.next_lr(row, {1e-3: 0.7, 2e-3: 0.6, 5e-4: 0.75}) == 2.5e-4  # best at the bottom edge
+    assert mtl.next_lr(row, {1e-3: 0.7, 2e-3: 0.8, 5e-4: 0.65, 4e-3: 0.9}) == 8e-3
+    # two extensions at most
+    assert mtl.next_lr(row, {1e-3: 0.7, 2e-3: 0.8, 5e-4: 0.65, 4e-3: 0.9, 8e-3: 0.95}) is None
+
+
+def _record(row: str, lr: float, seed: int, val: float, tests: dict[str, float]) -> dict:
+    return {
+        "row": row,
+        "lr": lr,
+        "seed": seed,
+        "trainable_params": 100,
+        "train_time_s": 1.0,
+        "scores": {task: {"val": val, "test": value} for task, value in tests.items()},
+        "val_average": val,
+        "test_average": statistics.mean(tests.values()),
+        "chosen_ranks": None,
+    }
+
+
+def test_table_selects_lr_on_validation_and_pairs_seeds_with_lora(mtl, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    records = [
+        # lora: lr 1e-3 wins on validation although lr 2e-3 has the better test score
+        _record("lora", 1e-3, 0, 0.70, {"a": 0.60, "b": 0.80}),
+        _record("lora", 2e-3, 0, 0.60, {"a": 0.90, "b": 0.90}),
+        _record("lora", 1e-3, 1, 0.70, {"a": 0.62, "b": 0.82}),
+        _record("lora", 1e-3, 2, 0.70, {"a": 0.58, "b": 0.78}),
+        _record("moelora_4x2", 1e-3, 0, 0.72, {"a": 0.70, "b": 0.80}),
+        _record("moelora_4x2", 1e-3, 1, 0.72, {"a": 0.66, "b": 0.86}),
+        _record("moelora_4x2", 1e-3, 2, 0.72, {"a": 0.64, "b": 0.80}),
+    ]
+    for record in records:
+        path = mtl.run_path(tmp_path, record["row"], record["lr"], record["seed"])
+        path.write_text(json.dumps(record))
+    markdown = mtl.assemble(tmp_path)
+    table = {row["row"]: row for row in json.loads((tmp_path / "table.json").read_text())}
+    assert table["lora"]["lr"] == 1e-3 and table["lora"]["seeds"] == [0, 1, 2]
+    assert table["lora"]["sweep_val"] == {"0.001": 70.0, "0.002": 60.0}
+    assert table["lora"]["test_average"] == pytest.approx([0.70, 0.72, 0.68])
+    diffs = [0.75 - 0.70, 0.76 - 0.72, 0.72 - 0.68]
+    mean, low, high, count = table["moelora_4x2"]["paired_vs_lora"]
+    half = 4.303 * statistics.stdev(diffs) / 3**0.5
+    assert (mean, low, high, count) == pytest.approx((statistics.mean(diffs), mean - half, mean + half, 3))
+    assert "| lora | 0.001 (0.001: 70.0, 0.002: 60.0) | 3 |" in markdown
+    assert "**70.0 ± 2.0**" in markdown
+
+
+def test_interference_table_pairs_seeds_and_summarises_routing(monkeypatch, tmp_path):
+    bench = _load("interference_bench", monkeypatch)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    overview = {"layers": 4, "layers_differing": 4, "active": {"first_word": 1.0, "last_word": 1.0}}
+    for seed, (shared, routed) in enumerate([(0.5, 0.9), (0.4, 0.95), (0.55, 0.9)]):
+        for row, score, view in (("lora_r8", shared, None), ("per_task_lora_r4", routed, overview)):
+            record = {
+                "row": row,
+                "seed": seed,
+                "exact_match": {"first_word": score, "last_word": score},
+                "average": score,
+                "routing_overview": view,
+            }
+            (runs / f"{row}__seed{seed}.json").write_text(json.dumps(record))
+    markdown = bench.assemble(tmp_path)
+    line = next(line for line in markdown.splitlines() if line.startswith("| per_task_lora_r4"))
+    diffs = [0.4, 0.55, 0.35]
+    half = 4.303 * statistics.stdev(diffs) / 3**0.5
+    mean = statistics.mean(diffs)
+    assert f"{100 * mean:+.1f} [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}]" in line
+    assert "tasks differ in 4/4 layers" in line
