@@ -149,6 +149,9 @@ def test_demo_runs_end_to_end_and_plots_only_informative_routing(fake_bigbench, 
     assert plots == ["routing_per_task.png", "scores.png"]  # its ranks are all equal: the gates show the split
     assert all(plot.is_file() for plot in outcome["plots"])
     assert "| first_word |" in capsys.readouterr().out
+    with pytest.raises(RecipeError, match="--overwrite"):  # a second demo does not silently mix with the first
+        run_demo(path, tmp_path / "out")
+    assert set(run_demo(path, tmp_path / "out", overwrite=True)["results"]) == {"lora", "per_task"}
 
 
 def test_plots_show_ranks_where_they_differ_and_gates_where_only_the_weights_do(tmp_path):

@@ -123,7 +123,9 @@ def _bench(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from loramix.train.demo import run_demo
 
-    run_demo(args.recipe, args.out, max_steps=args.max_steps)
+    if args.max_steps is not None and args.max_steps < 1:
+        raise RecipeError(f"--max-steps {args.max_steps} is invalid: expected an integer >= 1")
+    run_demo(args.recipe, args.out, max_steps=args.max_steps, overwrite=args.overwrite)
     return 0
 
 
@@ -194,10 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
             )
         sub.set_defaults(handler=handler)
 
-    demo = commands.add_parser("demo", help="train MoRE and a shared LoRA on a small MoRE benchmark and compare")
+    demo = commands.add_parser("demo", help="shared LoRA vs per-task LoRA vs MoRE on two rules over the same inputs")
     demo.add_argument("--recipe", default=None, help="the demo recipe (default: the packaged demo.yaml)")
     demo.add_argument("--out", default="runs/demo", help="where runs, report and plots go")
     demo.add_argument("--max-steps", type=int, help="override the training steps of every method")
+    demo.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier demo in --out")
     demo.set_defaults(handler=_demo)
 
     grow = commands.add_parser("add-domain", help="add a domain to a trained MoA run without touching its experts")

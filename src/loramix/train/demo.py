@@ -235,7 +235,9 @@ def _informative_plots(outcome: dict[str, Any], output_dir: Path) -> list[Path]:
     return drawn
 
 
-def run_demo(recipe_path: str | Path | None, output_dir: str | Path, max_steps: int | None = None) -> dict[str, Any]:
+def run_demo(
+    recipe_path: str | Path | None, output_dir: str | Path, max_steps: int | None = None, overwrite: bool = False
+) -> dict[str, Any]:
     """Train each method of the demo file, evaluate them all and print the per-task table.
 
     Plots are drawn only where they carry information: the per-task scores, and for methods whose tasks
@@ -246,6 +248,8 @@ def run_demo(recipe_path: str | Path | None, output_dir: str | Path, max_steps: 
         recipe_path: the demo file (``None``: :func:`default_demo_recipe`).
         output_dir: where each method's run and the report go.
         max_steps: override every method's training steps.
+        overwrite: replace the runs of an earlier demo in ``output_dir`` (otherwise they are refused, as
+            ``loramix train`` refuses another run's directory).
 
     Returns:
         What :func:`loramix.eval.evaluate_adapters` returns, with ``plots`` the plots drawn and
@@ -262,7 +266,7 @@ def run_demo(recipe_path: str | Path | None, output_dir: str | Path, max_steps: 
     for recipe in demo_recipes(spec, output_dir, max_steps):
         method, steps = recipe.mixture.get("method"), recipe.training.max_steps
         print(f"loramix demo: training {recipe.label} ({method}), {steps} steps")
-        train_recipe(recipe)
+        train_recipe(recipe, overwrite=overwrite)
         adapters.append(Path(recipe.output_dir) / "adapter")
     print("loramix demo: evaluating")
     outcome = evaluate_adapters(adapters, output_dir / "report", plots=False)
