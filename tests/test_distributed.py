@@ -7,9 +7,6 @@ wrapper. The shipped accelerate configs name their engine, and engines loramix c
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import pytest
 import torch
 
 from loramix.train import RecipeError, StageSettings, Trainer, TrainingSettings
-from train_fixtures import batch_factory, classification_examples, classifier
+from train_fixtures import batch_factory, classification_examples, classifier, torchrun
 
 TESTS = Path(__file__).resolve().parent
 STEPS = 4
@@ -67,27 +64,7 @@ def test_two_processes_match_one(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     result_file = tmp_path / "result.json"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-        str(script),
-        str(tmp_path / "run"),
-        str(result_file),
-    ]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
-    if completed.returncode != 0:
-        pytest.fail(f"torchrun failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}")
+    torchrun(script, [str(tmp_path / "run"), str(result_file)], 29517)
     result = json.loads(result_file.read_text())
     assert result["world"] == 2
 

@@ -10,9 +10,6 @@ Two-process runs use torchrun with gloo on the CPU: DDP, and FSDP2 as ``accelera
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +20,7 @@ from generation_fixtures import causal_lm, generation_examples, generation_facto
 from loramix import MixtureModel
 from loramix.train import TensorBatches, Trainer, TrainingSettings
 from tiny_models import build
+from train_fixtures import torchrun
 
 TESTS = Path(__file__).resolve().parent
 METHODS = ("moelora", "more")
@@ -101,30 +99,7 @@ def test_accumulation_equals_one_batch(one_batch, tmp_path, method):
 
 def _torchrun(tmp_path, port: int, extra_env: dict[str, str], *options: str) -> dict:
     result_file = tmp_path / "result.json"
-    env = {
-        **os.environ,
-        **extra_env,
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
-        str(TESTS / "dist_worker.py"),
-        str(tmp_path / "run"),
-        str(result_file),
-        *METHODS,
-        *options,
-    ]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
-    if completed.returncode != 0:
-        pytest.fail(f"torchrun failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}")
+    torchrun(TESTS / "dist_worker.py", [str(tmp_path / "run"), str(result_file), *METHODS, *options], port, extra_env)
     return json.loads(result_file.read_text())
 
 

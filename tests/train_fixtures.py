@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from loramix import MixtureConfig, get_mixture_model
@@ -11,6 +17,7 @@ from loramix.train import TensorBatches
 from tiny_models import VOCAB, build
 
 SEQ_LEN = 8
+TESTS = Path(__file__).resolve().parent
 # Tiny models run far faster on one thread, above all on a machine shared by several test runs.
 torch.set_num_threads(1)
 
@@ -67,3 +74,21 @@ def batch_factory(examples: list[dict[str, torch.Tensor]], batch_size: int, seed
         return TensorBatches(examples, batch_size, seed=seed, rank=rank, world_size=world_size)
 
     return make
+
+
+def torchrun(script: Path, args: list[str], port: int, extra_env: dict[str, str] | None = None) -> None:
+    """Run ``script args`` in 2 CPU processes (gloo) under ``torch.distributed.run``; fail the test with the
+    processes' output when it exits with an error."""
+    env = {
+        **os.environ,
+        **(extra_env or {}),
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    completed = subprocess.run(
+        [*command, str(script), *args], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    if completed.returncode != 0:
+        pytest.fail(f"torchrun failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}")
