@@ -45,12 +45,13 @@ DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
 TOP_ATTENTION = r"model\.layers\.(2[2-9])\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 ALL_ATTENTION = r"model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 SCALES: dict[str, dict[str, Any]] = {
-    "cpu": {"rules": ["first_word", "last_word"], "steps": 60, "targets": TOP_ATTENTION, "examples": 600},
+    "cpu": {"rules": ["first_word", "last_word"], "steps": 60, "targets": TOP_ATTENTION, "examples": 1000, "test": 300},
     "gpu": {
         "rules": ["first_word", "last_word", "second_word", "second_last_word"],
         "steps": 400,
         "targets": ALL_ATTENTION,
         "examples": 1000,
+        "test": 300,
     },
 }
 SEEDS = (0, 1, 2)
@@ -83,6 +84,7 @@ def run_one(name: str, mixture: dict[str, Any], seed: int, scale: dict[str, Any]
     spec = yaml.safe_load(DEMO.read_text())
     data = copy.deepcopy(spec["recipe"])
     data["data"]["tasks"] = data_tasks
+    data["data"]["test"] = scale["test"]  # the demo's 60 make one example 1.7 points; 300 make it 0.33
     data["training"].update(max_steps=scale["steps"], seed=seed, warmup_steps=max(1, scale["steps"] // 10))
     work = Path(tempfile.mkdtemp(prefix=f"interference_{name}_"))
     try:

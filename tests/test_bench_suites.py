@@ -105,3 +105,40 @@ def test_interference_table_pairs_seeds_and_summarises_routing(monkeypatch, tmp_
     mean = statistics.mean(diffs)
     assert f"{100 * mean:+.1f} [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}]" in line
     assert "tasks differ in 4/4 layers" in line
+
+
+def test_alone_pilot_trains_each_task_by_itself_and_keeps_an_eight_point_lead(mtl, tmp_path, monkeypatch):
+    # validation accuracy per (row, lr, task); the LoRA keeps its better lr per task
+    val = {
+        ("heads_only", 1e-2): {"a": 0.50, "b": 0.60, "c": 0.70},
+        ("lora", 5e-4): {"a": 0.55, "b": 0.70, "c": 0.72},
+        ("lora", 2e-3): {"a": 0.62, "b": 0.65, "c": 0.60},
+    }
+    tasks = [mtl.Task(name, ["x", "y"], {"train": [([1], 0)] * 3, "val": [([1], 0)] * 2}) for name in "abc"]
+    calls = []
+
+    def fake_run(row, lr, seed, group, scale, splits):
+        calls.append((row.name, lr, [task.name for task in group], scale.steps, splits))
+        scores = {task.name: {"val": val[(row.name, lr)][task.name]} for task in group}
+        return {
+            "row": row.name,
+            "lr": lr,
+            "scores": scores,
+            "val_average": 0.0,
+            "test_average": None,
+            "trainable_params": 1,
+            "train_time_s": 0.0,
+        }
+
+    monkeypatch.setattr(mtl, "load_tasks", lambda names, scale, tokenizer: tasks)
+    monkeypatch.setattr(mtl, "train_run", fake_run)
+    mtl.pilot(mtl.SCALES["cpu"], tmp_path, None, None, alone=True)
+    assert {tuple(names) for _, _, names, _, _ in calls} == {("a",), ("b",), ("c",)}  # one task per run
+    assert {steps for *_, steps, _ in calls} == {mtl.ALONE_STEPS} and all(s == ("val",) for *_, s in calls)
+    assert len(calls) == 9  # heads only + two LoRA lrs per task
+    # a: 62 vs 50 (+12, lr 2e-3 wins) kept; b: 70 vs 60 (+10) kept; c: 72 vs 70 (+2) dropped
+    assert json.loads((tmp_path / "suite.json").read_text())["tasks"] == ["a", "b"]
+    assert "| a | 3 | 2 | 50.0 | 62.0 | +12.0 | yes |" in (tmp_path / "pilot_alone" / "pilot.md").read_text()
+    calls.clear()
+    mtl.pilot(mtl.SCALES["cpu"], tmp_path, None, None, alone=True)
+    assert calls == []  # a rerun reads the finished runs
