@@ -12,6 +12,7 @@ from typing import NoReturn
 from loramix.config import ConfigError
 from loramix.data import DataError
 from loramix.train.settings import RecipeError
+from loramix.version import __version__
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -141,8 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="loramix", description="Multi-task fine-tuning of transformers with mixtures of LoRA experts."
     )
-    from loramix import __version__
-
     parser.add_argument("--version", action="version", version=f"loramix {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -34,18 +34,20 @@ Decisions where the paper is silent:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramix.config import MixtureConfig
 from loramix.context import RoutingContext
 from loramix.gating import expert_gates, one_hot_gates, pool_sequences, straight_through
 from loramix.methods.base import Method, register_method, require_one_expert_per_task
 from loramix.methods.options import MethodOptions, option
 from loramix.mixers import Mixer, Router
+
+if TYPE_CHECKING:
+    from loramix.config import MixtureConfig
 
 ROUTE_BY = ("router", "label")
 GATES = ("top1", "soft")

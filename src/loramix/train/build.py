@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from loramix import assets
 from loramix.config import CONFIG_NAME, MixtureConfig, read_json_file
 from loramix.data import (
     ClassificationTemplate,
@@ -56,8 +57,6 @@ def resolve_model_path(name: str) -> str:
 
     Tiny models use MiniLM's tokenizer, so they resolve to MiniLM's directory.
     """
-    from loramix import assets
-
     if name in ("minilm", *TINY_MODELS):
         return str(assets.minilm_path())
     if name == "smollm2":
