@@ -32,7 +32,8 @@ from typing import Any
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from loramix.model import WEIGHTS_NAME, MixtureModel
+from loramix.model import WEIGHTS_NAME, MixtureModel, _signature_with_task_ids
+from loramix.train.checkpoint import CheckpointError, load_adapter
 
 __all__ = ["MixtureTrainer", "MixtureTrainerMixin", "StepEndCallback", "find_mixture", "mixture_trainer_class"]
 
@@ -99,8 +100,6 @@ class MixtureTrainerMixin:
         accumulation steps like its own.
         """
         from trl.trainer.utils import add_fused_lm_head
-
-        from loramix.model import _signature_with_task_ids
 
         base = mixture.base_model
         add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))
@@ -189,8 +188,6 @@ class MixtureTrainerMixin:
         Raises:
             ValueError: the directory holds no loramix adapter (naming it), or its tensors do not fit.
         """
-        from loramix.train.checkpoint import CheckpointError, load_adapter
-
         weights = Path(resume_from_checkpoint) / WEIGHTS_NAME
         if not weights.is_file():
             raise ValueError(f"cannot resume: {resume_from_checkpoint} holds no loramix adapter ({WEIGHTS_NAME})")

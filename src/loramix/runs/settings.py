@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from loramix.train.schedules import SCHEDULES
+from loramix.runs.schedules import SCHEDULES
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
