@@ -92,7 +92,6 @@ def import_graph(root: Path, package: str) -> tuple[dict[str, set[str]], list[tu
     for name, path in modules.items():
         is_package = path.name == "__init__.py"
         for node, nested in _imports(ast.parse(path.read_text(), str(path))):
-            targets = []
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             else:
