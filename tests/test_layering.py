@@ -269,3 +269,22 @@ def test_checker_counts_a_package_init_and_relative_imports(tmp_path):
     assert violations(graph, [("all", ("pkg",))], independent) == [
         "pkg.sub.a imports pkg.b, but pkg.sub must not import pkg.b"
     ]
+
+
+def _readme_layers() -> list[tuple[str, ...]]:
+    """The module prefixes of each row of the README's layer table, bottom layer first."""
+    readme = (PACKAGE_DIR.parents[1] / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| ") and line.split("|")[1].strip()[:1].isdigit()]
+    layers = []
+    for row in rows:
+        files = [name.strip().strip("`") for name in row.split("|")[3].split(",")]
+        prefixes = []
+        for name in files:
+            name = name.removesuffix("/*.py").removesuffix("/").removesuffix(".py")
+            prefixes.append("loramix" if name == "__init__" else f"loramix.{name}")
+        layers.append(tuple(sorted(prefixes)))
+    return layers
+
+
+def test_readme_table_shows_the_layers():
+    assert _readme_layers() == [tuple(sorted(prefixes)) for _, prefixes in LAYERS]
