@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import runpy
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,8 +104,6 @@ BENCHMARKS = {"layer": "layer_bench.py", "more": "more_bench.py", "moa": "moa_be
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import runpy
-
     script = Path(__file__).resolve().parents[2] / "benchmarks" / BENCHMARKS[args.name]
     if not script.is_file():
         raise FileNotFoundError(f"{script} does not exist: the benchmarks ship with the source checkout")

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from loramix.checks import MAX_SIZE, ConfigError, is_count, is_number
 from loramix.methods import available_methods, get_method
 
@@ -228,8 +230,6 @@ class MixtureConfig:
 
     def to_yaml(self, path: str | Path) -> None:
         """Write the config as YAML."""
-        import yaml
-
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=True))
 
     @classmethod
@@ -240,8 +240,6 @@ class MixtureConfig:
             FileNotFoundError: no such file.
             ConfigError: the file is not valid YAML (naming the file) or holds an invalid config.
         """
-        import yaml
-
         try:
             data = yaml.safe_load(Path(path).read_text())
         except yaml.YAMLError as err:

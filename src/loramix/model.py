@@ -9,6 +9,7 @@ import inspect
 import json
 import numbers
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -822,8 +823,6 @@ class MixtureModel(nn.Module):
         Returns:
             The ``CommitInfo`` of the upload.
         """
-        import tempfile
-
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)

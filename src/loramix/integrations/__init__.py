@@ -29,6 +29,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
@@ -136,9 +138,6 @@ class MixtureTrainerMixin:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        import torch
-        import torch.nn.functional as F
-
         mixture = find_mixture(model)
         labels = inputs.get("labels")
         steps = self.current_gradient_accumulation_steps if model.training else 1
@@ -178,8 +177,6 @@ class MixtureTrainerMixin:
         find_mixture(self.model).save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        import torch
-
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:

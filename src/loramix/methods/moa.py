@@ -114,11 +114,10 @@ class DomainRouter(Router):
         probs = torch.softmax(logits.float(), dim=-1)
         experts = probs.argmax(dim=-1)
         if self.gate == "soft":
-            weights = probs
+            gate = expert_gates(probs, self.rank).to(x.dtype)
         else:
             chosen = probs.gather(1, experts[:, None])
-            weights = F.one_hot(experts, self.num_domains).float() * straight_through(chosen)
-        gate = expert_gates(weights, self.rank).to(x.dtype)
+            gate = (self.expert_gates(experts) * straight_through(chosen)).to(x.dtype)
         self._record(context, logits, experts)
         context.cache[self.layer_name] = gate.detach()
         return gate
