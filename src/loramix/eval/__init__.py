@@ -1,4 +1,8 @@
-"""Evaluation: per-task metrics, routing summaries, reports (Markdown + JSON) and plots."""
+"""Evaluation: per-task metrics, routing summaries, reports (Markdown + JSON) and plots.
+
+The metrics and the scoring of a run live in :mod:`loramix.runs` (the trainer validates with them too)
+and are re-exported here.
+"""
 
 from loramix.eval.evaluate import evaluate_adapters
 from loramix.eval.plots import matplotlib_available, plot_choices, plot_routing, plot_scores

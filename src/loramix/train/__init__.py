@@ -1,4 +1,8 @@
-"""Training: the accelerate loop, stages, checkpoints with exact resume, schedules, logs and recipes."""
+"""Training: the accelerate loop, stages, checkpoints with exact resume, logs and ``train_recipe``.
+
+The recipe, its settings and schedules, the run and its batches live in :mod:`loramix.runs` (shared with
+:mod:`loramix.eval`) and are re-exported here under the names they have always had.
+"""
 
 from loramix.runs.batches import BatchSource, SampledBatches, TensorBatches, stack_examples
 from loramix.runs.build import Run, build_run, load_run
