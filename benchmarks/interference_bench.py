@@ -8,7 +8,7 @@ cannot fit the rules together, while a method routed by the task id can fit each
 (MixLoRA) see only the text, so they are in the shared LoRA's position.
 
 The runs go through the library as a user's would: the recipe of ``recipes/demo.yaml`` (tasks from
-:func:`loramix.train.demo.write_interference_tasks`, ``train_recipe``, ``evaluate_adapters``), with the
+:func:`loramix.demo.write_interference_tasks`, ``train_recipe``, ``evaluate_adapters``), with the
 suite's steps, seeds and rows. Exact match on each task's test split; the routing summary of each run
 (MoRE's chosen ranks, MOELoRA's gates) is kept with the run.
 
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import yaml
 
-from loramix.train.demo import routing_overview, write_interference_tasks
+from loramix.demo import routing_overview, write_interference_tasks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
@@ -78,8 +78,8 @@ def rows(num_tasks: int) -> list[tuple[str, dict[str, Any]]]:
 def run_one(name: str, mixture: dict[str, Any], seed: int, scale: dict[str, Any], data_tasks: list[dict]) -> dict:
     """Train and evaluate one row with one seed through the library; return its record."""
     from loramix.eval import evaluate_adapters
+    from loramix.runs.recipe import Recipe
     from loramix.train.pipeline import train_recipe
-    from loramix.train.recipe import Recipe
 
     spec = yaml.safe_load(DEMO.read_text())
     data = copy.deepcopy(spec["recipe"])

@@ -149,7 +149,7 @@ def test_export_and_merge_of_a_causal_lm_match(generation_run, tmp_path):
 
 
 def _fresh_base(run):
-    from loramix.train.build import load_base_model
+    from loramix.runs.build import load_base_model
 
     return load_base_model(run.recipe.model, run.tokenizer, None)
 

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from loramix import assets
+from loramix.demo import demo_recipes, interference_examples, routing_overview, run_demo
 from loramix.train import RecipeError
-from loramix.train.demo import demo_recipes, interference_examples, routing_overview, run_demo
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SENTENCES = [
@@ -156,7 +156,7 @@ def test_demo_runs_end_to_end_and_plots_only_informative_routing(fake_bigbench, 
 
 def test_plots_show_ranks_where_they_differ_and_gates_where_only_the_weights_do(tmp_path):
     pytest.importorskip("matplotlib")
-    from loramix.train.demo import _informative_plots
+    from loramix.demo import _informative_plots
 
     scores = {"first_word": {"exact_match": 0.9}, "last_word": {"exact_match": 0.5}}
     outcome = {

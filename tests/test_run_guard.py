@@ -15,8 +15,8 @@ import yaml
 from loramix.cli import main
 from loramix.data import DataError
 from loramix.model import mixture_config_file
+from loramix.runs.runinfo import RUN_FILE, SPLIT_FILE, describe_changes
 from loramix.train import list_checkpoints, load_run, read_log
-from loramix.train.runinfo import RUN_FILE, SPLIT_FILE, describe_changes
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "rock", "fish"]
 
@@ -443,7 +443,7 @@ def test_changes_are_named_field_by_field():
 
 
 def test_add_domain_keeps_the_saved_split_and_needs_no_old_data(tmp_path):
-    from loramix.train.build import read_data
+    from loramix.runs.build import read_data
 
     rng = random.Random(0)
     lines = []

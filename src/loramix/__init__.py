@@ -1,11 +1,10 @@
 """loramix: multi-task fine-tuning of transformers with mixtures of low-rank (LoRA) experts."""
 
-__version__ = "0.2.0"
-
-from loramix.config import ConfigError, MixtureConfig  # noqa: E402
-from loramix.layer import MixtureLinear  # noqa: E402
-from loramix.methods import available_methods, get_method  # noqa: E402
-from loramix.model import MixtureModel, get_mixture_model  # noqa: E402
+from loramix.config import ConfigError, MixtureConfig
+from loramix.layer import MixtureLinear
+from loramix.methods import available_methods, get_method
+from loramix.model import MixtureModel, get_mixture_model
+from loramix.version import __version__
 
 __all__ = [
     "ConfigError",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import runpy
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,12 +12,19 @@ from typing import NoReturn
 
 from loramix.config import ConfigError
 from loramix.data import DataError
-from loramix.train.settings import RecipeError
+from loramix.demo import run_demo
+from loramix.eval import evaluate_adapters, markdown_table
+from loramix.export import check_output_dir
+from loramix.moa.cli_step import add_domain_to_run
+from loramix.moa.training import StageSettings
+from loramix.runs.recipe import Recipe
+from loramix.runs.settings import RecipeError
+from loramix.train import train_recipe
+from loramix.train.export import export_adapter, load_adapter
+from loramix.version import __version__
 
 
 def _train(args: argparse.Namespace) -> int:
-    from loramix.train import Recipe, train_recipe
-
     recipe = Recipe.from_yaml(args.recipe)
     if args.output_dir:
         recipe.output_dir = args.output_dir
@@ -29,16 +37,12 @@ def _train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under a launcher, the main process alone reports
         return 0
     if state.metrics:
-        from loramix.eval import markdown_table
-
         print(markdown_table({recipe.label: state.metrics}))
     print(f"adapter: {Path(recipe.output_dir) / 'adapter'}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from loramix.eval import evaluate_adapters, markdown_table
-
     outcome = evaluate_adapters(args.adapter, args.out, split=args.split, plots=not args.no_plots)
     print(markdown_table(outcome["results"]))
     print(f"report: {outcome['markdown']} and {outcome['report']}")
@@ -48,9 +52,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export_or_merge(args: argparse.Namespace, merged: bool) -> int:
-    from loramix.export import check_output_dir
-    from loramix.train.export import export_adapter, load_adapter
-
     try:  # refuse the output before loading anything
         check_output_dir(args.out, args.overwrite, protect=[args.adapter] if Path(args.adapter).is_dir() else [])
         loaded = load_adapter(args.adapter, base_model=args.base_model)
@@ -86,9 +87,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _add_domain(args: argparse.Namespace) -> int:
-    from loramix.moa.cli_step import add_domain_to_run
-    from loramix.moa.training import StageSettings
-
     domain = add_domain_to_run(
         args.adapter,
         args.data,
@@ -106,8 +104,6 @@ BENCHMARKS = {"layer": "layer_bench.py", "more": "more_bench.py", "moa": "moa_be
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import runpy
-
     script = Path(__file__).resolve().parents[2] / "benchmarks" / BENCHMARKS[args.name]
     if not script.is_file():
         raise FileNotFoundError(f"{script} does not exist: the benchmarks ship with the source checkout")
@@ -121,8 +117,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from loramix.train.demo import run_demo
-
     if args.max_steps is not None and args.max_steps < 1:
         raise RecipeError(f"--max-steps {args.max_steps} is invalid: expected an integer >= 1")
     run_demo(args.recipe, args.out, max_steps=args.max_steps, overwrite=args.overwrite)
@@ -141,8 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="loramix", description="Multi-task fine-tuning of transformers with mixtures of LoRA experts."
     )
-    from loramix import __version__
-
     parser.add_argument("--version", action="version", version=f"loramix {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -9,46 +9,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from loramix.checks import MAX_SIZE, ConfigError, is_count, is_number
+from loramix.methods import available_methods, get_method
+
 CONFIG_NAME = "loramix_config.json"
 """The file name of a saved mixture's config (its own name, so PEFT never mistakes it for a PEFT adapter)."""
 LEGACY_CONFIG_NAME = "adapter_config.json"
 """PEFT's file name, which earlier loramix saves used for the mixture (with ``peft_type: "LORAMIX"``); still read."""
 PEFT_TYPE = "LORAMIX"
-MAX_SIZE = 2**16
-"""Upper bound of ``r``, ``num_experts``, ``num_tasks`` and sizes in method options (a guard against absurd sizes)."""
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and what is allowed."""
+__all__ = ["CONFIG_NAME", "LEGACY_CONFIG_NAME", "MAX_SIZE", "PEFT_TYPE", "ConfigError", "MixtureConfig"]
 
 
 def _fail(field_name: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"MixtureConfig.{field_name}={value!r} is invalid: expected {allowed}")
-
-
-def is_number(value: Any) -> bool:
-    """True for a finite int or float that is not a bool (``True`` is no number here, nor NaN or inf)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def is_count(value: Any, low: int = 1, high: int = MAX_SIZE) -> bool:
-    """True for an int (not a bool) in ``[low, high]``."""
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def check_option(method: str, key: str, value: Any, valid: bool, allowed: str) -> None:
-    """Raise ``ConfigError`` naming ``method_options[key]`` of ``method`` unless ``valid``."""
-    if not valid:
-        raise ConfigError(
-            f"MixtureConfig.method_options[{key!r}]={value!r} is invalid for {method!r}: expected {allowed}"
-        )
 
 
 def _check_patterns(field_name: str, value: Any, allow_none: bool) -> Any:
@@ -127,8 +109,6 @@ class MixtureConfig:
         Raises:
             ConfigError: a field is invalid; the message names it and what is allowed.
         """
-        from loramix.methods import available_methods, get_method
-
         if not isinstance(self.method, str) or self.method not in available_methods():
             _fail("method", self.method, f"one of {sorted(available_methods())}")
         self.target_modules = _check_patterns("target_modules", self.target_modules, allow_none=False)
@@ -250,8 +230,6 @@ class MixtureConfig:
 
     def to_yaml(self, path: str | Path) -> None:
         """Write the config as YAML."""
-        import yaml
-
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=True))
 
     @classmethod
@@ -262,8 +240,6 @@ class MixtureConfig:
             FileNotFoundError: no such file.
             ConfigError: the file is not valid YAML (naming the file) or holds an invalid config.
         """
-        import yaml
-
         try:
             data = yaml.safe_load(Path(path).read_text())
         except yaml.YAMLError as err:

@@ -37,6 +37,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loramix.heads import MultiTaskSequenceClassifier
+from loramix.layer import MixtureLinear
+from loramix.version import __version__
 
 if TYPE_CHECKING:
     from loramix.model import MixtureModel
@@ -209,8 +211,6 @@ def _task_name(mixture: MixtureModel, task: int) -> str:
 
 def _plain_module_names(model: nn.Module) -> list[str]:
     """Module names of ``model`` as the plain model has them (an adapted layer's own parts left out)."""
-    from loramix.layer import MixtureLinear
-
     names: list[str] = []
     inside: list[str] = []
     for name, module in model.named_modules():
@@ -319,8 +319,6 @@ def write_adapter(
         ValueError: the task uses no adapter component in any layer.
     """
     from peft import LoraConfig
-
-    from loramix import __version__
 
     target = _Target(mixture)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -472,8 +470,6 @@ def write_merged(
     Returns:
         The record also written to ``loramix_export.json``.
     """
-    from loramix import __version__
-
     if isinstance(mixture.base_model, MultiTaskSequenceClassifier):
         model = task_classifier(mixture, task, id2label)
     else:

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from loramix.gating import pool_sequences
+
 POOLINGS = ("mean", "pooler")
 
 
@@ -97,8 +99,7 @@ class MultiTaskSequenceClassifier(nn.Module):
         """Task ``task``'s pooled representation FloatTensor[rows, hidden] of last hidden states [rows, seq, hidden]."""
         if self.pooling == "pooler":
             return self.heads[task].pooler(hidden)
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return pool_sequences(hidden, attention_mask)
 
     def forward(
         self,

@@ -9,6 +9,7 @@ import inspect
 import json
 import numbers
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,11 @@ from loramix.config import (
     read_json_file,
 )
 from loramix.context import ContextHolder, RoutingContext
+from loramix.export import export_task
+from loramix.hub import resolve_pretrained_dir
 from loramix.layer import SUPPORTED_LAYERS, MixtureLinear, layer_dims
 from loramix.methods import get_method
+from loramix.version import __version__
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 #: Keys ``save_pretrained`` adds to the saved config beyond the mixture config.
@@ -609,8 +613,6 @@ class MixtureModel(nn.Module):
             state_dict: the adapter's tensors to write instead of :meth:`adapter_state_dict` (for instance
                 gathered from the ranks of a sharded model), under the same keys.
         """
-        from loramix import __version__
-
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         source = self.adapter_state_dict() if state_dict is None else state_dict
@@ -651,8 +653,6 @@ class MixtureModel(nn.Module):
         """
         if not isinstance(is_trainable, bool):
             raise TypeError(f"is_trainable must be True or False; got {is_trainable!r}")
-        from loramix.hub import resolve_pretrained_dir
-
         directory = resolve_pretrained_dir(adapter_directory)
         config_path = mixture_config_file(directory)
         data = read_json_file(config_path)
@@ -768,8 +768,6 @@ class MixtureModel(nn.Module):
         Raises:
             TypeError: the method routes on the input. FileExistsError: the directory is not empty.
         """
-        from loramix.export import export_task
-
         return export_task(
             self,
             save_directory,
@@ -825,8 +823,6 @@ class MixtureModel(nn.Module):
         Returns:
             The ``CommitInfo`` of the upload.
         """
-        import tempfile
-
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)

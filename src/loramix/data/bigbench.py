@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from loramix import assets
 from loramix.data.sources import DataError, Example, TaskData
 
 #: Subtasks read by default for tasks whose subtasks overlap. ``multiemo``'s ``all_*`` subtasks are the
@@ -37,9 +38,7 @@ _CHOICE_PREFIX = "\n  choice: "
 
 
 def _default_root() -> Path:
-    from loramix.assets import bigbench_tasks_dir
-
-    return bigbench_tasks_dir()
+    return assets.bigbench_tasks_dir()
 
 
 def list_bigbench_tasks(root: str | os.PathLike[str] | None = None) -> list[str]:

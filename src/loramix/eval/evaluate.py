@@ -8,30 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from loramix.data import Example, MultiTaskCollator
-from loramix.eval.metrics import classification_scores, generation_scores
 from loramix.eval.plots import matplotlib_available, plot_choices, plot_routing, plot_scores
 from loramix.eval.report import Scores, write_report
 from loramix.eval.routing import routing_summary
-from loramix.model import MixtureModel
-from loramix.train.build import Run, load_run, make_template
-
-
-def score_examples(run: Run, model: MixtureModel, examples: Sequence[Example]) -> Scores:
-    """Per-task scores of ``model`` on ``examples`` with the run's template and evaluation settings."""
-    template = make_template(run.recipe, run.tokenizer)
-    settings = run.recipe.eval
-    if run.recipe.model.task_type == "classification":
-        collator = MultiTaskCollator(run.tokenizer)
-        return classification_scores(model, examples, template, collator, settings.batch_size)
-    return generation_scores(model, examples, template, run.tokenizer, settings.batch_size, settings.max_new_tokens)
-
-
-def validation_evaluator(run: Run) -> Callable[[MixtureModel], Scores] | None:
-    """The trainer's evaluator: per-task scores on the run's validation split (``None`` when it is empty)."""
-    examples = run.split("validation")
-    if not examples:
-        return None
-    return lambda model: score_examples(run, model, examples)
+from loramix.runs.build import Run, load_run, make_template
+from loramix.runs.scoring import score_examples
 
 
 def _routing_batches(run: Run, examples: Sequence[Example]) -> Callable[[], dict[str, list[dict[str, Any]]]]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from loramix.eval.report import Scores, primary_metric
+from loramix.eval.routing import routing_choices
 
 
 def matplotlib_available() -> bool:
@@ -102,8 +103,6 @@ def plot_choices(routing: dict[str, Any], path: str | Path, title: str = "") -> 
         path: the PNG to write.
         title: the figure's title.
     """
-    from loramix.eval.routing import routing_choices
-
     plt = _pyplot()
     choices = routing_choices(routing)
     tasks = list(choices)

@@ -29,10 +29,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from loramix.model import WEIGHTS_NAME, MixtureModel
+from loramix.model import WEIGHTS_NAME, MixtureModel, _signature_with_task_ids
+from loramix.train.checkpoint import CheckpointError, load_adapter
 
 __all__ = ["MixtureTrainer", "MixtureTrainerMixin", "StepEndCallback", "find_mixture", "mixture_trainer_class"]
 
@@ -100,8 +103,6 @@ class MixtureTrainerMixin:
         """
         from trl.trainer.utils import add_fused_lm_head
 
-        from loramix.model import _signature_with_task_ids
-
         base = mixture.base_model
         add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))
         plain = functools.partial(MixtureModel.forward, mixture)
@@ -137,9 +138,6 @@ class MixtureTrainerMixin:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        import torch
-        import torch.nn.functional as F
-
         mixture = find_mixture(model)
         labels = inputs.get("labels")
         steps = self.current_gradient_accumulation_steps if model.training else 1
@@ -179,8 +177,6 @@ class MixtureTrainerMixin:
         find_mixture(self.model).save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        import torch
-
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
@@ -189,8 +185,6 @@ class MixtureTrainerMixin:
         Raises:
             ValueError: the directory holds no loramix adapter (naming it), or its tensors do not fit.
         """
-        from loramix.train.checkpoint import CheckpointError, load_adapter
-
         weights = Path(resume_from_checkpoint) / WEIGHTS_NAME
         if not weights.is_file():
             raise ValueError(f"cannot resume: {resume_from_checkpoint} holds no loramix adapter ({WEIGHTS_NAME})")

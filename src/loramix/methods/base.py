@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from loramix.checks import ConfigError
 from loramix.methods.options import MethodOptions
 from loramix.mixers import Mixer, shared_pairing
 
@@ -46,8 +47,6 @@ class Method:
         rejects a ``top_k`` the method cannot honour (no top-k routing, or more than it selects among);
         subclasses add their own checks.
         """
-        from loramix.config import ConfigError
-
         if config.top_k is not None:
             if cls.top_k_of is None:
                 raise ConfigError(
@@ -105,8 +104,6 @@ class Method:
 
 def require_one_expert_per_task(config: MixtureConfig, method: str, task_word: str = "task") -> None:
     """Raise ``ConfigError`` unless ``num_experts == num_tasks`` (methods whose experts are the tasks)."""
-    from loramix.config import ConfigError
-
     if config.num_experts != config.num_tasks:
         raise ConfigError(
             f"MixtureConfig.num_experts={config.num_experts} is invalid: {method!r} has one expert per "

@@ -21,16 +21,20 @@ receive the gradient of their chosen probabilities. Per sequence and input-depen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from loramix.config import ConfigError, MixtureConfig
+from loramix.checks import ConfigError
 from loramix.context import RoutingContext
 from loramix.gating import pool_sequences, straight_through, token_mask
 from loramix.methods.base import Method, register_method
 from loramix.methods.options import MethodOptions
 from loramix.mixers import Mixer
+
+if TYPE_CHECKING:
+    from loramix.config import MixtureConfig
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from loramix.config import ConfigError, MixtureConfig
+from typing import TYPE_CHECKING
+
+from loramix.checks import ConfigError
 from loramix.methods.base import Method, register_method
 from loramix.mixers import Mixer
 from loramix.routers import ConstantRouter
+
+if TYPE_CHECKING:
+    from loramix.config import MixtureConfig
 
 
 @register_method

@@ -22,16 +22,19 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from loramix.config import MixtureConfig
 from loramix.context import RoutingContext
 from loramix.methods.base import Method, register_method
 from loramix.methods.options import MethodOptions, option
 from loramix.mixers import Mixer
 from loramix.routers import TokenSoftmaxRouter
+
+if TYPE_CHECKING:
+    from loramix.config import MixtureConfig
 
 
 class SubspaceMixer(TokenSoftmaxRouter):

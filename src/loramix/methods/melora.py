@@ -18,10 +18,14 @@ every adapted layer must be divisible by n (checked when the model is wrapped).
 
 from __future__ import annotations
 
-from loramix.config import MixtureConfig
+from typing import TYPE_CHECKING
+
 from loramix.methods.base import Method, register_method
 from loramix.mixers import Mixer
 from loramix.routers import ConstantRouter
+
+if TYPE_CHECKING:
+    from loramix.config import MixtureConfig
 
 
 @register_method

@@ -15,10 +15,14 @@ the input, so a task cannot be merged or exported.
 
 from __future__ import annotations
 
-from loramix.config import MixtureConfig
+from typing import TYPE_CHECKING
+
 from loramix.methods.base import Method, register_method
 from loramix.mixers import Mixer
 from loramix.routers import TokenSoftmaxRouter
+
+if TYPE_CHECKING:
+    from loramix.config import MixtureConfig
 
 
 @register_method

@@ -34,18 +34,20 @@ Decisions where the paper is silent:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramix.config import MixtureConfig
 from loramix.context import RoutingContext
 from loramix.gating import expert_gates, one_hot_gates, pool_sequences, straight_through
 from loramix.methods.base import Method, register_method, require_one_expert_per_task
 from loramix.methods.options import MethodOptions, option
 from loramix.mixers import Mixer, Router
+
+if TYPE_CHECKING:
+    from loramix.config import MixtureConfig
 
 ROUTE_BY = ("router", "label")
 GATES = ("top1", "soft")
@@ -112,11 +114,10 @@ class DomainRouter(Router):
         probs = torch.softmax(logits.float(), dim=-1)
         experts = probs.argmax(dim=-1)
         if self.gate == "soft":
-            weights = probs
+            gate = expert_gates(probs, self.rank).to(x.dtype)
         else:
             chosen = probs.gather(1, experts[:, None])
-            weights = F.one_hot(experts, self.num_domains).float() * straight_through(chosen)
-        gate = expert_gates(weights, self.rank).to(x.dtype)
+            gate = (self.expert_gates(experts) * straight_through(chosen)).to(x.dtype)
         self._record(context, logits, experts)
         context.cache[self.layer_name] = gate.detach()
         return gate

@@ -8,13 +8,17 @@ pairs with A's row j. With one expert it is LoRA. Token-level, so not mergeable.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from loramix.config import MixtureConfig
 from loramix.context import RoutingContext
 from loramix.methods.base import SharedDownProjection, register_method
 from loramix.mixers import Mixer, Router
+
+if TYPE_CHECKING:
+    from loramix.config import MixtureConfig
 
 
 class DyadicRouter(Router):

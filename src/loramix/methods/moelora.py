@@ -11,12 +11,16 @@ the ordinary (batch, seq, hidden) layout of any model (the release hard-coded Ch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from loramix.config import MAX_SIZE, MixtureConfig
+from loramix.checks import MAX_SIZE
 from loramix.methods.base import Method, register_method
 from loramix.methods.options import MethodOptions, option
 from loramix.mixers import Mixer
 from loramix.routers import TaskSoftmaxRouter
+
+if TYPE_CHECKING:
+    from loramix.config import MixtureConfig
 
 
 @dataclass(frozen=True)

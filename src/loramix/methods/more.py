@@ -53,17 +53,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramix.config import ConfigError, MixtureConfig
+from loramix.checks import ConfigError
 from loramix.context import RoutingContext
 from loramix.gating import POOLINGS, pool_sequences, straight_through
 from loramix.methods.base import Method, register_method
 from loramix.methods.options import MethodOptions, option
 from loramix.mixers import Mixer, Router
+
+if TYPE_CHECKING:
+    from loramix.config import MixtureConfig
 
 
 @dataclass(frozen=True)

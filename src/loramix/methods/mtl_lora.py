@@ -14,16 +14,19 @@ exports as a rank-n·r PEFT LoRA whose A is ``M_t A``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from loramix.config import MixtureConfig
 from loramix.context import RoutingContext
 from loramix.gating import expert_gates
 from loramix.methods.base import SharedDownProjection, register_method
 from loramix.methods.options import MethodOptions, option
 from loramix.mixers import Mixer
+
+if TYPE_CHECKING:
+    from loramix.config import MixtureConfig
 
 
 @dataclass(frozen=True)

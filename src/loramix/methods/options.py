@@ -17,6 +17,8 @@ import typing
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from loramix.checks import ConfigError
+
 if TYPE_CHECKING:
     from loramix.config import MixtureConfig
 
@@ -54,8 +56,6 @@ class MethodOptions:
         Raises:
             ConfigError: an unknown key, or a value of the wrong type or out of bounds (naming the option).
         """
-        from loramix.config import ConfigError
-
         raw = config.method_options
         fields = {field.name: field for field in dataclasses.fields(cls)}
         if raw and not fields:
@@ -78,8 +78,6 @@ class MethodOptions:
     @staticmethod
     def fail(method: str, name: str, value: Any, allowed: str) -> typing.NoReturn:
         """Raise the ``ConfigError`` of an invalid option."""
-        from loramix.config import ConfigError
-
         raise ConfigError(
             f"MixtureConfig.method_options[{name!r}]={value!r} is invalid for {method!r}: expected {allowed}"
         )

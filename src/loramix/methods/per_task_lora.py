@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from loramix.config import MixtureConfig
 from loramix.methods.base import Method, register_method, require_one_expert_per_task
 from loramix.mixers import Mixer
 from loramix.routers import TaskOneHotRouter
+
+if TYPE_CHECKING:
+    from loramix.config import MixtureConfig
 
 
 @register_method

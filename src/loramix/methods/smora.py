@@ -17,16 +17,20 @@ bias is saved with the adapter. Token-level, so not mergeable.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from loramix.config import ConfigError, MixtureConfig
+from loramix.checks import ConfigError
 from loramix.context import RoutingContext
 from loramix.gating import token_mask
 from loramix.methods.base import Method, register_method
 from loramix.methods.options import MethodOptions, option
 from loramix.mixers import Mixer, Router
+
+if TYPE_CHECKING:
+    from loramix.config import MixtureConfig
 
 DEFAULT_TOP_K = 8
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from loramix.moa.grow import add_domain
 from loramix.moa.training import StageSettings
-from loramix.train.build import Run, extend_data, load_run, make_template, save_run_recipe
-from loramix.train.recipe import SourceSpec
-from loramix.train.settings import RecipeError
+from loramix.runs.build import Run, extend_data, load_run, make_template, save_run_recipe
+from loramix.runs.recipe import SourceSpec
+from loramix.runs.settings import RecipeError
 
 
 def add_domain_to_run(

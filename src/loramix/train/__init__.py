@@ -1,13 +1,17 @@
-"""Training: the accelerate loop, stages, checkpoints with exact resume, schedules, logs and recipes."""
+"""Training: the accelerate loop, stages, checkpoints with exact resume, logs and ``train_recipe``.
 
-from loramix.train.batches import BatchSource, SampledBatches, TensorBatches, stack_examples
-from loramix.train.build import Run, build_run, load_run
+The recipe, its settings and schedules, the run and its batches live in :mod:`loramix.runs` (shared with
+:mod:`loramix.eval`) and are re-exported here under the names they have always had.
+"""
+
+from loramix.runs.batches import BatchSource, SampledBatches, TensorBatches, stack_examples
+from loramix.runs.build import Run, build_run, load_run
+from loramix.runs.recipe import Recipe
+from loramix.runs.schedules import WarmupSchedule, make_scheduler
+from loramix.runs.settings import RecipeError, StageSettings, TrainingSettings
 from loramix.train.checkpoint import CheckpointManager, latest_checkpoint, list_checkpoints
 from loramix.train.logs import RunLogger, read_log
 from loramix.train.pipeline import train_recipe
-from loramix.train.recipe import Recipe
-from loramix.train.schedules import WarmupSchedule, make_scheduler
-from loramix.train.settings import RecipeError, StageSettings, TrainingSettings
 from loramix.train.trainer import Trainer, TrainerState
 
 __all__ = [

@@ -28,7 +28,6 @@ back to the newest intact checkpoint with a warning.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -43,6 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from loramix.model import WEIGHTS_NAME, MixtureModel
+from loramix.runs.runinfo import sha256_file
 
 PREFIX = "checkpoint-"
 STATE_NAME = "trainer_state.json"
@@ -79,15 +79,6 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _rank_state_name(rank: int) -> str:
     return f"rank_state_{rank}.json"
-
-
-def sha256_file(path: str | Path) -> str:
-    """The hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:

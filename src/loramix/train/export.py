@@ -20,9 +20,9 @@ from loramix.export import export_all_tasks, staged_directory, write_adapter, wr
 from loramix.heads import MultiTaskSequenceClassifier
 from loramix.hub import resolve_pretrained_dir
 from loramix.model import WEIGHTS_NAME, MixtureModel
-from loramix.train.build import RECIPE_NAME, Run, load_base_model, load_tokenizer, resolve_model_path
-from loramix.train.recipe import Recipe
-from loramix.train.settings import RecipeError
+from loramix.runs.build import RECIPE_NAME, Run, load_base_model, load_tokenizer, resolve_model_path
+from loramix.runs.recipe import Recipe
+from loramix.runs.settings import RecipeError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 

@@ -7,7 +7,7 @@ import re
 import torch
 from torch import nn
 
-from loramix.train.settings import RecipeError, StageSettings, TrainingSettings
+from loramix.runs.settings import RecipeError, StageSettings, TrainingSettings
 
 
 def stage_selection(candidates: list[str], stage: StageSettings) -> list[str]:

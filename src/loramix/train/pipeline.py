@@ -6,10 +6,12 @@ import inspect
 import os
 from pathlib import Path
 
-from loramix.train.build import Run, build_run, save_run_recipe
-from loramix.train.recipe import Recipe
-from loramix.train.runinfo import RUN_FILE, check_output_dir, check_resume, clear_run, data_files, write_run_file
-from loramix.train.settings import check_precision
+from loramix.runs.build import Run, build_run, save_run_recipe
+from loramix.runs.recipe import Recipe
+from loramix.runs.runinfo import RUN_FILE, data_files, write_run_file
+from loramix.runs.scoring import validation_evaluator
+from loramix.runs.settings import check_precision
+from loramix.train.outdir import check_output_dir, check_resume, clear_run
 from loramix.train.trainer import ADAPTER_DIR, Trainer, TrainerState
 
 
@@ -47,8 +49,6 @@ def train_recipe(
     Raises:
         RecipeError: a check failed (the message names the field, file or change); nothing was written.
     """
-    from loramix.eval.evaluate import validation_evaluator
-
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_yaml(recipe)
     check_precision(recipe.training)

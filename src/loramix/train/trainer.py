@@ -27,7 +27,9 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from tqdm.auto import tqdm
 
 from loramix.model import MixtureModel
-from loramix.train.batches import Batch, BatchSource
+from loramix.runs.batches import Batch, BatchSource
+from loramix.runs.schedules import make_scheduler
+from loramix.runs.settings import RecipeError, StageSettings, TrainingSettings
 from loramix.train.checkpoint import (
     STATE_NAME,
     CheckpointError,
@@ -41,8 +43,6 @@ from loramix.train.checkpoint import (
 from loramix.train.logs import RunLogger
 from loramix.train.params import build_run_optimizer, select_trainable, stage_selection, start_stage_lrs
 from loramix.train.rng import get_rng_state, seed_everything, set_rng_state
-from loramix.train.schedules import make_scheduler
-from loramix.train.settings import RecipeError, StageSettings, TrainingSettings
 
 BatchFactory = Callable[[StageSettings, int, int], BatchSource]
 Evaluator = Callable[[MixtureModel], dict[str, dict[str, float]]]
@@ -294,7 +294,7 @@ class Trainer:
 
     Works in one process and under ``accelerate launch`` / ``torchrun`` (DDP, and FSDP2 or DeepSpeed ZeRO-2/3
     through an accelerate config; under DeepSpeed the engine steps, clips and checkpoints): each rank reads
-    its own shard of the data from the :class:`~loramix.train.batches.BatchSource` the factory gives it.
+    its own shard of the data from the :class:`~loramix.runs.batches.BatchSource` the factory gives it.
     Each step runs
     ``gradient_accumulation_steps`` micro-batches under ``accelerator.accumulate`` (gradients synchronised
     on the last only) and optimises one objective over the global batch (see the module's docstring),

@@ -30,8 +30,14 @@ from typing import Any
 
 import yaml
 
-from loramix.train.recipe import Recipe
-from loramix.train.settings import RecipeError
+from loramix.data.bigbench import load_bigbench_task
+from loramix.data.sources import TaskSet
+from loramix.eval import evaluate_adapters, markdown_table, routing_choices
+from loramix.eval.plots import matplotlib_available, plot_choices, plot_routing, plot_scores
+from loramix.runs.build import mixture_config
+from loramix.runs.recipe import Recipe
+from loramix.runs.settings import RecipeError
+from loramix.train.pipeline import train_recipe
 
 DEMO_RECIPE = "demo.yaml"
 _METHOD_KEYS = {"name", "mixture"}
@@ -94,8 +100,6 @@ def interference_examples(bigbench: str, rules: list[str], max_examples: int | N
     Raises:
         RecipeError: an unknown rule, or no input left.
     """
-    from loramix.data.bigbench import load_bigbench_task
-
     _check_interference({"bigbench": bigbench, "rules": list(rules)})
     task = load_bigbench_task(bigbench, mode="generation", max_examples=max_examples)
     texts = []
@@ -133,9 +137,6 @@ def _write_tasks(records: dict[str, list[dict]], directory: Path) -> list[dict[s
 
 def _check_mixture(recipe: Recipe) -> None:
     """Raise the error training would raise for the recipe's ``mixture``, before anything is trained."""
-    from loramix.data.sources import TaskSet
-    from loramix.train.build import mixture_config
-
     names = [source.task or source.bigbench or source.jsonl or source.hf for source in recipe.data.tasks]
     try:
         mixture_config(recipe, TaskSet(names))
@@ -216,9 +217,6 @@ def routing_overview(routing: dict[str, Any]) -> dict[str, Any] | None:
 def _informative_plots(outcome: dict[str, Any], output_dir: Path) -> list[Path]:
     """The scores plot, and a routing plot only for runs whose tasks are routed differently: the rank each
     task chose when the tasks' ranks differ (MoRE), else the gate heat map (where each task's weight sits)."""
-    from loramix.eval import routing_choices
-    from loramix.eval.plots import matplotlib_available, plot_choices, plot_routing, plot_scores
-
     if not matplotlib_available():
         print("loramix demo: matplotlib is not installed; no plots (pip install matplotlib)")
         return []
@@ -255,9 +253,6 @@ def run_demo(
         What :func:`loramix.eval.evaluate_adapters` returns, with ``plots`` the plots drawn and
         ``routing_overview`` by run (see :func:`routing_overview`).
     """
-    from loramix.eval import evaluate_adapters, markdown_table
-    from loramix.train.pipeline import train_recipe
-
     path = Path(recipe_path) if recipe_path else default_demo_recipe()
     spec = yaml.safe_load(path.read_text())
     output_dir = Path(output_dir)

@@ -8,7 +8,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from loramix.train.schedules import SCHEDULES
+import torch
+
+from loramix.runs.schedules import SCHEDULES
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
@@ -141,8 +143,6 @@ def check_precision(settings: TrainingSettings) -> None:
     Raises:
         RecipeError: naming ``training.mixed_precision`` and the device.
     """
-    import torch
-
     setting = settings.mixed_precision
     on_cpu = settings.use_cpu or not torch.cuda.is_available()
     if setting == "fp16" and on_cpu:

@@ -1,10 +1,10 @@
-"""A run's identity: its fingerprint, the guard of its output directory, and its saved split.
+"""A run's identity: its fingerprint, its run file, and its saved split.
 
 A run writes ``run.json`` into its output directory before it trains: the *fingerprint* of what it
 trains (model, completed mixture config, tasks and labels, data hashes and split settings, the
-optimisation settings and stages). ``--resume`` compares the new recipe's fingerprint with it before
-anything is touched and refuses naming each difference (``mixture.lora_alpha: 16 -> 64``). A fresh run
-refuses an output directory that holds another run's files unless told to overwrite them.
+optimisation settings and stages). :func:`describe_changes` names each difference between two
+fingerprints (``mixture.lora_alpha: 16 -> 64``); the guard of the output directory that uses it on
+``--resume`` is :mod:`loramix.train.outdir`.
 
 The trained adapter directory receives the same ``run.json`` and ``split.jsonl`` (every example of the
 train/validation/test split), so ``loramix eval|merge|export`` rebuild the run without reading or
@@ -17,27 +17,29 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from loramix.config import read_json_file
 from loramix.data import DataError, Example, Splits, TaskData, TaskSet
-from loramix.model import SAVE_ONLY_KEYS, is_mixture_directory, mixture_config_file
-from loramix.train.checkpoint import PREFIX, STATE_NAME, list_checkpoints
-from loramix.train.settings import RecipeError
+from loramix.runs.settings import RecipeError
 
 RUN_FILE = "run.json"
 SPLIT_FILE = "split.jsonl"
 FORMAT = 1
-#: Names (or name prefixes, for checkpoints) of what a run writes into its output directory.
-RUN_ENTRIES = (RUN_FILE, "adapter", "log.jsonl", "tensorboard")
 #: Training settings that do not change what is trained (free to change on ``--resume``).
 UNTRACKED_TRAINING = ("log_every", "eval_every", "save_every", "keep_last", "progress_bar", "use_cpu")
 UNTRACKED_TRAINING += ("gradient_checkpointing", "find_unused_parameters")
 SPLIT_NAMES = ("train", "validation", "test")
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def examples_sha256(tasks: Iterable[TaskData]) -> str:
@@ -62,7 +64,7 @@ def run_fingerprint(
     """What a run trains, as plain JSON data: two runs with equal fingerprints train the same thing.
 
     Args:
-        recipe: the :class:`~loramix.train.recipe.Recipe`.
+        recipe: the :class:`~loramix.runs.recipe.Recipe`.
         mixture: the completed mixture config (``MixtureConfig.to_dict()``).
         task_set: the tasks, in id order, with their labels.
         sources: one record per data source (its kind, settings and content hash; a ``file`` key, the
@@ -155,26 +157,6 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any], files: Sequence[s
     return changes
 
 
-# --------------------------------------------------------------------------- the output directory
-def run_entries(directory: str | Path) -> list[Path]:
-    """What a run wrote into ``directory``: ``run.json``, ``adapter/``, checkpoints (complete or being
-    written), ``log.jsonl``, ``tensorboard/``. Other files are not a run's and are left alone."""
-    root = Path(directory)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in sorted(root.iterdir()):
-        name = path.name
-        if name in RUN_ENTRIES or name.startswith(PREFIX) or name.startswith(f".{PREFIX}"):
-            found.append(path)
-    return found
-
-
-def _listing(entries: Sequence[Path]) -> str:
-    names = [entry.name + ("/" if entry.is_dir() else "") for entry in entries]
-    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-
-
 def read_run_file(path: str | Path) -> dict[str, Any]:
     """Read a ``run.json``.
 
@@ -200,135 +182,6 @@ def write_run_file(path: str | Path, fingerprint: dict[str, Any], files: Sequenc
     content = {"format": FORMAT, "fingerprint": fingerprint, "files": list(files)}
     staging.write_text(json.dumps(content, indent=1, sort_keys=True) + "\n")
     os.replace(staging, path)
-
-
-def check_output_dir(directory: str | Path, resume: bool | str | Path, overwrite: bool) -> Path | None:
-    """Check, before anything is built or written, that a run may use ``directory``.
-
-    Args:
-        directory: the run's output directory.
-        resume: ``True`` (the latest checkpoint in ``directory``), a checkpoint path, or ``False``.
-        overwrite: the caller agreed to replace another run's files in ``directory``.
-
-    Returns:
-        The checkpoint a resume starts from, or ``None`` for a fresh run.
-
-    Raises:
-        RecipeError: resume and overwrite together; a fresh run into a directory holding another run
-            without ``overwrite``; a resume with no checkpoint to resume from.
-    """
-    directory = Path(directory)
-    if resume not in (None, False) and overwrite:
-        raise RecipeError("--resume and --overwrite exclude each other: resume a run or replace it")
-    if directory.exists() and not directory.is_dir():
-        raise RecipeError(f"output directory {directory} is a file: choose a directory for output_dir")
-    if is_mixture_directory(directory):
-        raise RecipeError(
-            f"output directory {directory} is an adapter directory (it holds a saved mixture): "
-            "choose another output_dir (the run writes its adapter to <output_dir>/adapter)"
-        )
-    entries = run_entries(directory)
-    if resume in (None, False):
-        if entries and not overwrite:
-            raise RecipeError(
-                f"output directory {directory} holds another run ({_listing(entries)}): pass --resume to "
-                "continue it, --overwrite to replace it, or choose another output_dir"
-            )
-        return None
-    if resume is True:
-        checkpoints = list_checkpoints(directory)
-        if not checkpoints:
-            what = f"it holds {_listing(entries)} but" if entries else "it"
-            raise RecipeError(
-                f"cannot resume: output directory {directory} has no checkpoint ({what} has no complete "
-                f"{PREFIX}<step>/); train without --resume to start the run"
-            )
-        return checkpoints[-1]
-    checkpoint = Path(resume)
-    if not checkpoint.is_dir():
-        raise RecipeError(f"cannot resume: checkpoint {checkpoint} does not exist")
-    if not (checkpoint / STATE_NAME).is_file():
-        raise RecipeError(f"cannot resume: {checkpoint} is not a complete checkpoint (no {STATE_NAME})")
-    if checkpoint.resolve().parent != directory.resolve() and entries:
-        raise RecipeError(
-            f"cannot resume from {checkpoint} into output directory {directory}: it holds another run "
-            f"({_listing(entries)}); resume into {checkpoint.parent} or an empty output_dir"
-        )
-    return checkpoint
-
-
-def check_resume(
-    directory: str | Path, checkpoint: Path, fingerprint: dict[str, Any], files: Sequence[str | None] = ()
-) -> None:
-    """Refuse to resume ``checkpoint`` under a recipe that trains something else.
-
-    The run file is that of the checkpoint's run (``run.json`` beside it, else in ``directory``). A run
-    written before run files existed is checked by its checkpoint's mixture config only, with a warning.
-
-    Raises:
-        RecipeError: naming every difference (``mixture.lora_alpha: 16 -> 64``, a task renamed, a data
-            file changed, named from ``files``).
-    """
-    try:
-        config_path = mixture_config_file(checkpoint)
-        saved_mixture = read_json_file(config_path)
-    except (OSError, ValueError) as error:
-        raise RecipeError(f"cannot resume: the mixture config of {checkpoint} is unreadable ({error})") from None
-    saved_mixture = {key: value for key, value in saved_mixture.items() if key not in SAVE_ONLY_KEYS}
-    # the checkpoint's own config, so that a checkpoint of another run placed here is never adopted
-    checkpoint_changes = [f"mixture.{line}" for line in _differences(saved_mixture, fingerprint["mixture"], "")]
-    candidates = [checkpoint.parent / RUN_FILE, Path(directory) / RUN_FILE]
-    run_file = next((path for path in candidates if path.is_file()), None)
-    if run_file is not None:
-        changes = describe_changes(read_run_file(run_file)["fingerprint"], fingerprint, files)
-        source = str(run_file)
-        if checkpoint_changes and checkpoint_changes != [line for line in changes if line.startswith("mixture.")]:
-            changes.extend(line for line in checkpoint_changes if line not in changes)
-            source += f" and {config_path}"
-    else:
-        changes, source = checkpoint_changes, str(config_path)
-        if not changes:
-            warnings.warn(
-                f"{checkpoint} has no {RUN_FILE} (written by an older loramix): only its mixture config was "
-                "checked; data files and training settings could not be compared",
-                stacklevel=3,
-            )
-    if changes:
-        raise RecipeError(
-            f"cannot resume {checkpoint}: the recipe differs from the run it belongs to ({source}): "
-            + "; ".join(changes)
-            + ". Start a new run (another output_dir, or --overwrite) to train this recipe"
-        )
-
-
-def clear_run(directory: str | Path) -> list[str]:
-    """Delete another run's files from ``directory`` (``--overwrite``), leaving any other file alone.
-
-    The entries are first renamed into one hidden directory (all or none: a failed rename moves the
-    others back), then that directory is deleted.
-
-    Returns:
-        The names removed.
-    """
-    directory = Path(directory)
-    entries = run_entries(directory)
-    if not entries:
-        return []
-    trash = directory / f".loramix-overwritten-{os.getpid()}"
-    shutil.rmtree(trash, ignore_errors=True)
-    trash.mkdir()
-    moved: list[Path] = []
-    try:
-        for entry in entries:
-            os.replace(entry, trash / entry.name)
-            moved.append(entry)
-    except OSError:
-        for entry in moved:
-            os.replace(trash / entry.name, entry)
-        trash.rmdir()
-        raise
-    shutil.rmtree(trash)
-    return [entry.name for entry in entries]
 
 
 # --------------------------------------------------------------------------- the saved split

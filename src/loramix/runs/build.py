@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from loramix import assets
 from loramix.config import CONFIG_NAME, MixtureConfig, read_json_file
 from loramix.data import (
     ClassificationTemplate,
@@ -31,10 +32,9 @@ from loramix.data import (
 )
 from loramix.heads import MultiTaskSequenceClassifier
 from loramix.model import MixtureModel, get_mixture_model, is_mixture_directory, mixture_config_file
-from loramix.train.batches import SampledBatches
-from loramix.train.checkpoint import sha256_file
-from loramix.train.recipe import DataSpec, ModelSpec, Recipe, SourceSpec
-from loramix.train.runinfo import (
+from loramix.runs.batches import SampledBatches
+from loramix.runs.recipe import DataSpec, ModelSpec, Recipe, SourceSpec
+from loramix.runs.runinfo import (
     RUN_FILE,
     SPLIT_FILE,
     data_files,
@@ -44,9 +44,10 @@ from loramix.train.runinfo import (
     read_split,
     remove_split,
     run_fingerprint,
+    sha256_file,
     write_split,
 )
-from loramix.train.settings import RecipeError, StageSettings
+from loramix.runs.settings import RecipeError, StageSettings
 
 TINY_MODELS = ("tiny-bert", "tiny-llama")
 
@@ -56,8 +57,6 @@ def resolve_model_path(name: str) -> str:
 
     Tiny models use MiniLM's tokenizer, so they resolve to MiniLM's directory.
     """
-    from loramix import assets
-
     if name in ("minilm", *TINY_MODELS):
         return str(assets.minilm_path())
     if name == "smollm2":
@@ -364,7 +363,7 @@ class Run:
 
     @property
     def fingerprint(self) -> dict[str, Any]:
-        """What this run trains (see :func:`loramix.train.runinfo.run_fingerprint`)."""
+        """What this run trains (see :func:`loramix.runs.runinfo.run_fingerprint`)."""
         return run_fingerprint(self.recipe, self.model.mixture_config.to_dict(), self.task_set, self.sources)
 
     def split(self, name: str) -> list[Example]:

@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from loramix.train.settings import RecipeError, StageSettings, TrainingSettings, _check_keys, _positive_int
+from loramix.runs.settings import RecipeError, StageSettings, TrainingSettings, _check_keys, _positive_int
 
 TASK_TYPES = ("classification", "generation")
 SOURCE_KINDS = ("bigbench", "jsonl", "hf")
