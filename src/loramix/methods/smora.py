@@ -52,8 +52,18 @@ class RankRouter(Router):
         self.register_buffer("balance_bias", torch.zeros(rank))
         self.register_buffer("counts", torch.zeros(rank), persistent=False)
 
-    def route(self, x: torch.Tensor, context: RoutingContext) -> torch.Tensor:
-        scores = torch.sigmoid(self.proj(x.to(self.proj.weight.dtype)).float()) + self.balance_bias
+    def scorer(self) -> nn.Linear:
+        return self.proj
+
+    def mix(self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor) -> torch.Tensor:
+        hidden, logits = self.split_scores(hidden, x)
+        return hidden * self.route(x, context, logits)
+
+    def route(self, x: torch.Tensor, context: RoutingContext, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-token gate FloatTensor[..., R]; ``logits`` (``W_r x``) are computed here unless given."""
+        if logits is None:
+            logits = self.proj(x.to(self.proj.weight.dtype))
+        scores = torch.sigmoid(logits.float()) + self.balance_bias
         top_values, top_index = scores.topk(self.top_k, dim=-1)
         weights = self.top_k * top_values / top_values.sum(-1, keepdim=True)
         gate = torch.zeros_like(scores).scatter(-1, top_index, weights)
