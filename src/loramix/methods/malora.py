@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from torch import nn
 from loramix.config import MixtureConfig
 from loramix.context import RoutingContext
 from loramix.methods.base import Method, register_method
-from loramix.methods.options import MethodOptions, option
+from loramix.methods.options import TopKOptions, option
 from loramix.mixers import Mixer
 from loramix.routers import TokenSoftmaxRouter
 
@@ -61,13 +62,16 @@ class SubspaceMixer(TokenSoftmaxRouter):
 
 
 @dataclass(frozen=True)
-class MALoRAOptions(MethodOptions):
-    """MALoRA's ``method_options``: d, the shared subspace's rank (default r·N / 2), and β."""
+class MALoRAOptions(TopKOptions):
+    """MALoRA's ``method_options``: ``top_k`` (experts kept per token, default 2), d, the shared subspace's
+    rank (default r·N / 2), and β."""
 
+    default_top_k: ClassVar[int | None] = 2
     subspace_rank: int | None = option(None, low=1)
     balance_factor: float = option(1.0, above=0)
 
     def resolve(self, method: str, config: MixtureConfig) -> MALoRAOptions:
+        self = super().resolve(method, config)
         total = config.r * config.num_experts
         if self.subspace_rank is None:
             return dataclasses.replace(self, subspace_rank=max(1, total // 2))
@@ -81,7 +85,6 @@ class MALoRA(Method):
     """MALoRA: shared down-projection subspace, per-expert projections, widened up-projections, top-k tokens."""
 
     name = "malora"
-    top_k_of = "num_experts"
     Options = MALoRAOptions
     default_aux_loss_weight = 0.001
 
@@ -103,6 +106,5 @@ class MALoRA(Method):
     @classmethod
     def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
         subspace, wide = cls.sizes(config)
-        top_k = 2 if config.top_k is None else config.top_k
-        beta = cls.options(config).balance_factor
-        return SubspaceMixer(in_features, config.num_experts, wide, subspace, top_k, beta)
+        options = cls.options(config)
+        return SubspaceMixer(in_features, config.num_experts, wide, subspace, options.top_k, options.balance_factor)

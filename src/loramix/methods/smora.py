@@ -4,7 +4,7 @@ Every rank-1 component of one LoRA of rank R (``config.r``) is an expert. Per to
 
     g   = sigmoid(W_r x)                    ∈ R^R
     s   = g + b                             (b: a non-learned balance bias)
-    idx = top-k(s)                          (k = ``top_k``, default 8)
+    idx = top-k(s)                          (k = ``method_options["top_k"]``, default min(8, R))
     ĝ_i = k · s_i / Σ_{j ∈ idx} s_j         for i ∈ idx, 0 elsewhere
     h   = W0 x + (alpha / k) Σ_{i ∈ idx} ĝ_i B[:, i] A[i, :] x
 
@@ -17,6 +17,7 @@ bias is saved with the adapter. Token-level, so not mergeable.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -25,16 +26,17 @@ from loramix.config import ConfigError, MixtureConfig
 from loramix.context import RoutingContext
 from loramix.gating import token_mask
 from loramix.methods.base import Method, register_method
-from loramix.methods.options import MethodOptions, option
+from loramix.methods.options import TopKOptions, option
 from loramix.mixers import Mixer, Router
-
-DEFAULT_TOP_K = 8
 
 
 @dataclass(frozen=True)
-class SMoRAOptions(MethodOptions):
-    """SMoRA's ``method_options``: u, the step of the balance bias."""
+class SMoRAOptions(TopKOptions):
+    """SMoRA's ``method_options``: ``top_k``, rank-1 experts kept per token (default 8, at most ``r``), and u,
+    the step of the balance bias."""
 
+    top_k_of: ClassVar[str] = "r"
+    default_top_k: ClassVar[int | None] = 8
     bias_update_rate: float = option(1e-5, low=0)
 
 
@@ -90,7 +92,6 @@ class SMoRA(Method):
 
     name = "smora"
     Options = SMoRAOptions
-    top_k_of = "r"
 
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
@@ -103,7 +104,8 @@ class SMoRA(Method):
 
     @classmethod
     def top_k(cls, config: MixtureConfig) -> int:
-        return min(DEFAULT_TOP_K, config.r) if config.top_k is None else config.top_k
+        """k, the rank-1 experts kept per token."""
+        return cls.options(config).top_k
 
     @classmethod
     def scale(cls, config: MixtureConfig) -> float:
