@@ -53,7 +53,8 @@ class Mixer(nn.Module):
         """The middle of the delta.
 
         Args:
-            hidden: FloatTensor[batch, ..., K_A], the down-projection ``A dropout(x)``.
+            hidden: FloatTensor[batch, ..., K_A], the down-projection ``A dropout(x)``, as :meth:`project`
+                returned it (with the scorer's outputs after the K_A columns where it folded them in).
             x: FloatTensor[batch, ..., d_in], the layer input (for routing on the input).
             context: the call's routing context (task ids, attention mask, losses, records).
             lora_A: the layer's A bank (for mixers that score its factors: conditional MixLoRA).
