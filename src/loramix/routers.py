@@ -149,7 +149,7 @@ class TokenSoftmaxRouter(Router):
         if self.shared_rows:
             experts = hidden.unsqueeze(-2)
         elif self.pairing is not None:
-            experts = hidden[..., self.pairing].unflatten(-1, (-1, self.rank))
+            experts = hidden[..., self.pairing].view(*hidden.shape[:-1], -1, self.rank)
         else:
-            experts = hidden.unflatten(-1, (-1, self.rank))
+            experts = hidden.view(*hidden.shape[:-1], -1, self.rank)
         return (experts * weights.unsqueeze(-1)).flatten(-2)
