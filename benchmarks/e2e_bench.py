@@ -81,7 +81,7 @@ class Variant:
         method: the loramix method.
         r: rank (of one expert; MoRE's R; SMoRA's pool of rank-1 experts).
         num_experts: experts (conditional MixLoRA: the size of its factor pools).
-        top_k: top-k of token routers (``None``: the method's default).
+        top_k: top-k of token routers, passed as ``method_options["top_k"]`` (``None``: the method's default).
         options: ``method_options`` as (key, value) pairs.
         groups: the tables it belongs to: ``reference``, ``equal_rank``, ``matched``, ``more_diagnosis``.
         size_by: for ``matched`` variants, the field searched to match the reference's trainable parameters
@@ -107,10 +107,9 @@ class Variant:
             r=self.r,
             num_experts=self.num_experts,
             num_tasks=NUM_TASKS,
-            top_k=self.top_k,
             lora_alpha=2 * self.r,
             target_modules="all-linear",
-            method_options=dict(self.options),
+            method_options={**dict(self.options), **({} if self.top_k is None else {"top_k": self.top_k})},
         )
 
     def shape(self) -> str:

@@ -124,7 +124,7 @@ class Row:
         method: loramix method, ``"peft"`` (PEFT's LoRA) or ``None`` (heads only, frozen encoder).
         r: rank of one expert (MoRE: the maximum rank R; SMoRA: the number of rank-1 experts).
         num_experts: E.
-        top_k: ``MixtureConfig.top_k``.
+        top_k: the top-k router's ``method_options["top_k"]`` (``None``: the method's default).
         options: ``method_options``.
         lr_grid: the sweep's starting grid; ``None`` takes the lr selected for ``lora`` (one run per seed).
     """
@@ -242,12 +242,11 @@ def build_model(row: Row, tasks: list[Task]) -> torch.nn.Module:
         target_modules=TARGETS,
         r=row.r,
         num_experts=row.num_experts,
-        top_k=row.top_k,
         lora_alpha=2.0 * row.r,
         lora_dropout=0.1,
         num_tasks=len(tasks),
         task_names=[task.name for task in tasks],
-        method_options=dict(row.options),
+        method_options={**dict(row.options), **({} if row.top_k is None else {"top_k": row.top_k})},
         modules_to_save=["heads"],
     )
     return get_mixture_model(model, config)

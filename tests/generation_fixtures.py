@@ -28,7 +28,9 @@ def causal_lm(
     method: str = "moelora", num_tasks: int = 2, seed: int = 0, tied: bool = False, **mixture
 ) -> MixtureModel:
     """The tiny Llama of ``tiny_models`` (tied embeddings if asked) with a mixture on q/v projections."""
-    defaults = {"more": {"r": 4}, "smora": {"r": 8, "top_k": 2}}.get(method, {"r": 2, "num_experts": 2})
+    defaults = {"more": {"r": 4}, "smora": {"r": 8, "method_options": {"top_k": 2}}}.get(
+        method, {"r": 2, "num_experts": 2}
+    )
     settings = {**defaults, **mixture}
     config = MixtureConfig(method=method, target_modules=["q_proj", "v_proj"], num_tasks=num_tasks, **settings)
     return get_mixture_model(tied_llama(seed) if tied else build("llama", seed=seed), config)

@@ -92,6 +92,14 @@ CONFIG_CASES = {
     "top_k_on_lora": ({"top_k": 1}, "top_k"),
     "top_k_on_more": ({"method": "more", "r": 4, "top_k": 2}, "top_k"),
     "top_k_on_mode": ({"method": "mode", "num_experts": 3, "top_k": 2}, "top_k"),
+    "option_top_k_bool": ({"method": "mixlora", "num_experts": 4, "method_options": {"top_k": True}}, "top_k"),
+    "option_top_k_zero": ({"method": "hydralora", "num_experts": 3, "method_options": {"top_k": 0}}, "top_k"),
+    "option_top_k_above_r_smora": ({"method": "smora", "r": 4, "method_options": {"top_k": 5}}, "top_k"),
+    "option_top_k_on_moelora": ({"method": "moelora", "num_experts": 2, "method_options": {"top_k": 1}}, "top_k"),
+    "top_k_twice_disagreeing": (
+        {"method": "malora", "num_experts": 4, "top_k": 2, "method_options": {"top_k": 3}},
+        "top_k",
+    ),
     "smora_rate_nan": ({"method": "smora", "method_options": {"bias_update_rate": math.nan}}, "bias_update_rate"),
     "smora_rate_string": ({"method": "smora", "method_options": {"bias_update_rate": "fast"}}, "bias_update_rate"),
     "smora_rate_negative": ({"method": "smora", "method_options": {"bias_update_rate": -1e-3}}, "bias_update_rate"),
@@ -148,8 +156,9 @@ def test_config_file_errors_name_file_and_line(tmp_path) -> None:
 
 
 def test_good_values_still_pass() -> None:
-    assert MixtureConfig(method="mixlora", num_experts=4, top_k=4).top_k == 4
-    assert MixtureConfig(method="smora", r=8, top_k=8, method_options={"bias_update_rate": 0}).top_k == 8
+    assert MixtureConfig(method="mixlora", num_experts=4, method_options={"top_k": 4}).method_options == {"top_k": 4}
+    smora = MixtureConfig(method="smora", r=8, method_options={"top_k": 8, "bias_update_rate": 0})
+    assert smora.method_options == {"top_k": 8, "bias_update_rate": 0}
     assert MixtureConfig(use_rslora=True, lora_alpha=8).scale == 8 / math.sqrt(8)
     assert MixtureConfig(num_tasks=2, task_names=("a", "b")).task_names == ["a", "b"]
     assert MixtureConfig(method="mtl_lora", num_experts=3, method_options={"diagonal": True}).method_options
@@ -680,7 +689,7 @@ CLI_CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
     ),
     "train_top_k_above_experts": (
         _cli_recipe({"method": "mixlora", "num_experts": 2, "top_k": 3}),
-        r"MixtureConfig\.top_k=3 .*at most num_experts=2",
+        r"MixtureConfig\.method_options\['top_k'\]=3 .*num_experts=2",
     ),
     "train_exclude_bad_regex": (_cli_recipe({"method": "lora", "exclude_modules": "(x"}), "exclude_modules"),
     "train_smora_rate_string": (

@@ -209,9 +209,9 @@ def test_options_are_typed_and_unknown_keys_are_named(method: str) -> None:
         kind = next((kind for kind in wrong if kind is hint or kind in typing.get_args(hint)), None)
         value = wrong[kind] if kind is not None else "not a list"
         with pytest.raises(ConfigError, match=field.name):
-            MixtureConfig(method=method, num_tasks=TASKS, **settings, method_options={field.name: value})
+            MixtureConfig(method=method, num_tasks=TASKS, **{**settings, "method_options": {field.name: value}})
     with pytest.raises(ConfigError, match="'no_such_option'"):
-        MixtureConfig(method=method, num_tasks=TASKS, **settings, method_options={"no_such_option": 1})
+        MixtureConfig(method=method, num_tasks=TASKS, **{**settings, "method_options": {"no_such_option": 1}})
 
 
 def test_configs_saved_with_a_task_embedding_width_still_load() -> None:

@@ -252,7 +252,7 @@ def test_smora_bias_is_saved(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"method": "smora", "r": 4, "top_k": 5}, "at most r=4"),
+        ({"method": "smora", "r": 4, "method_options": {"top_k": 5}}, r"in \[1, r=4\]"),
         ({"method": "smora", "r": 4, "num_experts": 2}, "each of the r ranks an expert"),
         ({"method": "mtl_lora", "method_options": {"temperature": 0}}, "temperature"),
         ({"method": "mtl_lora", "method_options": {"tau": 1}}, "unknown keys"),
@@ -261,3 +261,45 @@ def test_smora_bias_is_saved(tmp_path) -> None:
 def test_bad_options(settings: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         MixtureConfig(**settings)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"method": "mixlora", "r": 2, "num_experts": 4},
+        {"method": "hydralora", "r": 3, "num_experts": 4},
+        {"method": "malora", "r": 2, "num_experts": 4},
+        {"method": "smora", "r": 6, "method_options": {"top_k": 3}},
+    ],
+    ids=lambda settings: settings["method"],
+)
+def test_router_folded_into_the_a_gemm_equals_a_separate_router(settings, x) -> None:
+    """The layer stacks the router's weight under A (one GEMM); forward and every gradient equal the unfolded path."""
+    layer, holder = make_layer(**settings)
+    layer.double().train()  # float64: the two paths sum in different orders
+    x = x.double()
+    router = layer.router
+    folded = router.project(x, x, layer.lora_A)
+    assert folded.shape[-1] == layer.lora_A.shape[0] + router.scorer().weight.shape[0]
+    assert router.project(x.clone(), x, layer.lora_A).shape[-1] == layer.lora_A.shape[0]  # dropout: not folded
+    x_folded = x.clone().requires_grad_(True)
+    with holder.activate(RoutingContext()):
+        out = layer(x_folded)
+    out.pow(2).sum().backward()
+    folded_grads = {name: param.grad.clone() for name, param in layer.named_parameters() if param.grad is not None}
+    layer.zero_grad()
+    x_plain = x.clone().requires_grad_(True)
+    with holder.activate(RoutingContext()):
+        hidden = router.mix(x_plain @ layer.lora_A.T, x_plain, RoutingContext(), layer.lora_A)
+        expected = layer.base_layer(x_plain) + layer.scale * hidden @ layer.lora_B.T
+    expected.pow(2).sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x_folded.grad, x_plain.grad)
+    assert {name for name in folded_grads if not name.startswith("base_layer")} == {
+        "lora_A",
+        "lora_B",
+        "router.proj.weight",
+    } | ({"router.expert_proj"} if settings["method"] == "malora" else set())
+    for name, param in layer.named_parameters():
+        if name in folded_grads:
+            torch.testing.assert_close(folded_grads[name], param.grad, msg=name)

@@ -36,7 +36,7 @@ METHOD_SETTINGS = {
     "hydralora": {"r": 2, "num_experts": 3},
     "mixlora": {"r": 2, "num_experts": 4},
     "mode": {"r": 2, "num_experts": 3},
-    "smora": {"r": 8, "top_k": 2},
+    "smora": {"r": 8, "method_options": {"top_k": 2}},
     "malora": {"r": 2, "num_experts": 4},
     "conditional_mixlora": {"r": 2, "num_experts": 6},
     "melora": {"r": 2, "num_experts": 2},

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import numbers
 import re
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +68,15 @@ class MixtureConfig:
         use_rslora: use rank-stabilised scaling ``lora_alpha / sqrt(r)``.
         num_tasks: number of tasks T that ``task_ids`` may name (``0 <= task_id < T``).
         task_names: optional names of the tasks, in id order.
-        top_k: experts (or rank components) kept per token by top-k routers; ``None`` keeps the method's
-            default. Only methods with top-k routing take it (``mixlora``, ``hydralora``, ``malora``: at most
-            ``num_experts``; ``smora``: at most ``r``); the others refuse it.
+        top_k: accepted for the configs of earlier versions, which kept it here; it is moved into
+            ``method_options["top_k"]`` (see :func:`moved_top_k`) and not kept as an attribute. Each method
+            with top-k routing defines it there, with its own default and bound (``mixlora``, ``malora``:
+            default 2, at most ``num_experts``; ``hydralora``: default dense; ``smora``: default 8, at most
+            ``r``); the others refuse it.
         aux_loss_weight: weight of the method's auxiliary loss (MoRE's contrastive loss, MoA's router
             cross-entropy, a load-balancing loss); ``None`` uses the method's default.
         method_options: settings only one method reads (validated by that method), e.g. MoRE's
-            ``candidate_ranks``.
+            ``candidate_ranks`` or a top-k router's ``top_k``.
         modules_to_save: modules of the base model trained and saved in full (e.g. a classification head).
         init_lora_weights: ``"kaiming"`` (A Kaiming-uniform, B zero: the model starts equal to the base)
             or ``"gaussian"`` (A normal with std 1/r, B zero).
@@ -91,14 +93,16 @@ class MixtureConfig:
     use_rslora: bool = False
     num_tasks: int = 1
     task_names: list[str] | None = None
-    top_k: int | None = None
+    top_k: InitVar[int | None] = None
     aux_loss_weight: float | None = None
     method_options: dict[str, Any] = field(default_factory=dict)
     modules_to_save: list[str] | None = None
     init_lora_weights: str = "kaiming"
     base_model_name_or_path: str | None = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, top_k: int | None) -> None:
+        if top_k is not None:
+            self.method_options = moved_top_k(self.method, top_k, self.method_options)
         self.validate()
 
     def validate(self) -> None:
@@ -123,8 +127,6 @@ class MixtureConfig:
             _fail("lora_dropout", self.lora_dropout, "a number in [0, 1)")
         if not isinstance(self.use_rslora, bool):
             _fail("use_rslora", self.use_rslora, "true or false (a boolean, not a string or number)")
-        if self.top_k is not None and not is_count(self.top_k):
-            _fail("top_k", self.top_k, "None or a positive integer")
         if self.aux_loss_weight is not None and (not is_number(self.aux_loss_weight) or self.aux_loss_weight < 0):
             _fail("aux_loss_weight", self.aux_loss_weight, "None or a finite non-negative number")
         if self.task_names is not None:
@@ -208,7 +210,7 @@ class MixtureConfig:
                 f"(peft_type {peft_type!r}, expected {PEFT_TYPE!r}): load it with peft.PeftModel.from_pretrained"
             )
         data = _moved_options({key: value for key, value in data.items() if key != "peft_type"})
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | {"top_k"}  # top_k: moved by the constructor
         unknown = sorted(set(map(str, data)) - known)
         if unknown:
             raise ConfigError(f"unknown MixtureConfig fields {unknown}; known fields: {sorted(known)}")
@@ -270,6 +272,36 @@ def _moved_options(data: dict[str, Any]) -> dict[str, Any]:
     if data.get("method") == "moelora" and isinstance(options, dict) and "task_embedding_dim" not in options:
         data["method_options"] = {**options, "task_embedding_dim": width}
     return data
+
+
+def moved_top_k(method: Any, top_k: Any, options: Any) -> Any:
+    """``method_options`` with a top-level ``top_k`` (where earlier versions kept it) moved in.
+
+    The rule: the value must be a positive integer; a method with top-k routing (its options have a
+    ``top_k``) gets it as ``method_options["top_k"]``, where its own bound is checked; a method without one
+    refuses it; given both ways, the two must agree. An unknown method or malformed ``method_options`` is
+    returned as is for :meth:`MixtureConfig.validate` to name.
+
+    Raises:
+        ConfigError: ``top_k`` is not a positive integer, the method has no top-k routing, or
+            ``method_options["top_k"]`` differs.
+    """
+    from loramix.methods import available_methods, get_method
+
+    if not is_count(top_k):
+        _fail("top_k", top_k, "None or a positive integer (it is method_options['top_k'] now)")
+    if not isinstance(method, str) or method not in available_methods() or not isinstance(options, dict):
+        return options
+    if "top_k" not in {option.name for option in dataclasses.fields(get_method(method).Options)}:
+        raise ConfigError(
+            f"MixtureConfig.top_k={top_k!r} is invalid: method {method!r} has no top-k routing (leave top_k unset)"
+        )
+    if "top_k" in options and (options["top_k"] != top_k or isinstance(options["top_k"], bool)):
+        raise ConfigError(
+            f"MixtureConfig.top_k={top_k!r} conflicts with method_options['top_k']={options['top_k']!r}: give "
+            "top_k once, in method_options"
+        )
+    return {**options, "top_k": top_k}
 
 
 def read_json_file(path: str | Path) -> Any:

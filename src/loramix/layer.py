@@ -122,7 +122,7 @@ class MixtureLinear(nn.Module):
         if self.blocks > 1:
             hidden = self.router.mix(self._down_blocks(dropped), x, routing, self.lora_A)
             return result + (self._up_blocks(hidden) * self.scale).to(result.dtype)
-        hidden = self.router.mix(F.linear(dropped, self.lora_A), x, routing, self.lora_A)
+        hidden = self.router.mix(self.router.project(dropped, x, self.lora_A), x, routing, self.lora_A)
         if hidden.dtype != result.dtype:
             return result + (F.linear(hidden, self.lora_B) * self.scale).to(result.dtype)
         # result + s · hidden Bᵀ in one GEMM: the scale and the residual add ride on addmm's alpha and beta

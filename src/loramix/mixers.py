@@ -6,6 +6,9 @@ B (d_out × K_B) and the scale s belong to the layer; everything method-specific
 - :meth:`Mixer.mix` maps the down-projection ``A x`` (FloatTensor[..., K_A]) to the B bank's components
   (FloatTensor[..., K_B]), reading the layer input, the routing context or the A bank itself when it
   needs them;
+- :meth:`Mixer.project` computes that down-projection for the layer; mixers that score the layer input
+  with a linear map of their own (token routers) stack it under A there, so one GEMM reads the input for
+  both, and ``mix`` then receives [..., K_A + scores] and splits it (:meth:`Mixer.split_scores`);
 - :meth:`Mixer.task_matrix` is the K_B × K_A matrix M_t that ``mix`` applies for task t when it depends on
   the task alone (``mergeable``): the layer's ``delta_weight``, ``merge`` and ``task_factors`` read nothing
   else. Mixers routed on the input are not mergeable and refuse it.
@@ -17,6 +20,7 @@ Most methods mix by a diagonal ``M = diag(g)`` after pairing each B column with 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from loramix.context import RoutingContext
@@ -49,7 +53,8 @@ class Mixer(nn.Module):
         """The middle of the delta.
 
         Args:
-            hidden: FloatTensor[batch, ..., K_A], the down-projection ``A dropout(x)``.
+            hidden: FloatTensor[batch, ..., K_A], the down-projection ``A dropout(x)``, as :meth:`project`
+                returned it (with the scorer's outputs after the K_A columns where it folded them in).
             x: FloatTensor[batch, ..., d_in], the layer input (for routing on the input).
             context: the call's routing context (task ids, attention mask, losses, records).
             lora_A: the layer's A bank (for mixers that score its factors: conditional MixLoRA).
@@ -58,6 +63,36 @@ class Mixer(nn.Module):
             FloatTensor[batch, ..., K_B], what the B bank projects up.
         """
         raise NotImplementedError
+
+    def scorer(self) -> nn.Linear | None:
+        """The bias-free linear map that scores the layer input for routing (``None``: the mixer has none).
+
+        :meth:`project` folds it into the A GEMM; :meth:`split_scores` gives its output back to ``mix``.
+        """
+        return None
+
+    def project(self, dropped: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+        """What the layer passes to :meth:`mix` as ``hidden``: ``A dropout(x)``, FloatTensor[..., K_A].
+
+        When the mixer has a :meth:`scorer` that reads the same tensor (no dropout applied, same dtype as the
+        A bank), its weight is stacked under A and one GEMM returns [..., K_A + scores]: the input is read
+        once forward and once per backward product instead of twice, and the scorer's skinny GEMMs go.
+        """
+        scorer = self.scorer()
+        if scorer is None or dropped is not x or scorer.weight.dtype != lora_A.dtype:
+            return F.linear(dropped, lora_A)
+        return F.linear(x, torch.cat([lora_A, scorer.weight]))
+
+    def split_scores(self, hidden: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``A dropout(x)`` [..., K_A], the scorer's output [..., S]) from what :meth:`project` returned.
+
+        A ``hidden`` of width K_A (the scorer was not folded in, or a caller passed ``A x`` itself) gets its
+        scores from the scorer here, on ``x`` cast to the scorer's dtype.
+        """
+        scorer = self.scorer()
+        if hidden.shape[-1] == self.bank_a:
+            return hidden, scorer(x.to(scorer.weight.dtype))
+        return hidden[..., : self.bank_a], hidden[..., self.bank_a :]
 
     def task_matrix(self, task: int) -> torch.Tensor:
         """M_t, FloatTensor[K_B, K_A]: ``mix(hidden) == hidden @ M_tᵀ`` for every row of task ``task``.

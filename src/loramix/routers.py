@@ -12,7 +12,7 @@ from torch import nn
 
 from loramix.context import RoutingContext
 from loramix.gating import balance_loss, expert_gates, one_hot_gates, token_mask, top_k_weights
-from loramix.mixers import Router
+from loramix.mixers import Router, shared_pairing
 
 
 class ConstantRouter(Router):
@@ -82,7 +82,10 @@ class TaskSoftmaxRouter(Router):
 class TokenSoftmaxRouter(Router):
     """Per-token softmax over E experts (each r components), optionally top-k with renormalised weights.
 
-    Used by HydraLoRA (dense) and MixLoRA (top-k with a load-balancing loss in ``aux_losses["balance"]``).
+    Used by HydraLoRA (dense), MixLoRA and MALoRA (top-k with a load-balancing loss in
+    ``aux_losses["balance"]``). The router's weight is the layer's :meth:`~loramix.mixers.Mixer.scorer`, so
+    its logits come out of the A GEMM; the expert weights scale each expert's r components by broadcasting
+    (no [..., E * r] gate is built).
 
     Args:
         in_features: d_in of the layer (the router reads the layer input).
@@ -110,10 +113,22 @@ class TokenSoftmaxRouter(Router):
         self.top_k = top_k if top_k is not None and top_k < num_experts else None
         self.balance = balance
         self.proj = nn.Linear(in_features, num_experts, bias=False)
+        # every expert reads the same r rows of A (HydraLoRA's shared down-projection): broadcast, no gather
+        self.shared_rows = pairing is not None and torch.equal(pairing.long(), shared_pairing(rank, num_experts))
 
-    def expert_weights(self, x: torch.Tensor, context: RoutingContext) -> torch.Tensor:
-        """Per-token expert weights FloatTensor[..., E] (top-k renormalised), adding the balance loss in training."""
-        probs = torch.softmax(self.proj(x.to(self.proj.weight.dtype)).float(), dim=-1)
+    def scorer(self) -> nn.Linear:
+        return self.proj
+
+    def expert_weights(
+        self, x: torch.Tensor, context: RoutingContext, logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-token expert weights FloatTensor[..., E] (top-k renormalised), adding the balance loss in training.
+
+        ``logits`` are the router's ``W_r x`` when already computed (folded into the A GEMM), else computed here.
+        """
+        if logits is None:
+            logits = self.proj(x.to(self.proj.weight.dtype))
+        probs = torch.softmax(logits.float(), dim=-1)
         if self.top_k is None:
             weights, chosen = probs, torch.ones_like(probs)
         else:
@@ -124,3 +139,17 @@ class TokenSoftmaxRouter(Router):
 
     def route(self, x: torch.Tensor, context: RoutingContext) -> torch.Tensor:
         return expert_gates(self.expert_weights(x, context), self.rank).to(x.dtype)
+
+    def mix(self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor) -> torch.Tensor:
+        hidden, logits = self.split_scores(hidden, x)
+        return self.weigh_experts(hidden, self.expert_weights(x, context, logits).to(x.dtype))
+
+    def weigh_experts(self, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Scale each expert's components by its weight: hidden [..., K_A] and weights [..., E] -> [..., E * r]."""
+        if self.shared_rows:
+            experts = hidden.unsqueeze(-2)
+        elif self.pairing is not None:
+            experts = hidden[..., self.pairing].view(*hidden.shape[:-1], -1, self.rank)
+        else:
+            experts = hidden.view(*hidden.shape[:-1], -1, self.rank)
+        return (experts * weights.unsqueeze(-1)).flatten(-2)

@@ -29,36 +29,21 @@ class Method:
         name: the registered name used in ``MixtureConfig.method``.
         default_aux_loss_weight: weight of the method's auxiliary loss when the config gives none.
         Options: the dataclass of the method's ``MixtureConfig.method_options`` (see
-            :mod:`loramix.methods.options`); the base class takes none.
-        top_k_of: the field whose count ``top_k`` selects among (``"num_experts"`` or ``"r"``), or ``None``
-            for methods without top-k routing (they reject ``top_k``).
+            :mod:`loramix.methods.options`); the base class takes none. Methods with top-k routing derive it
+            from :class:`~loramix.methods.options.TopKOptions` (``method_options["top_k"]``).
     """
 
     name: ClassVar[str] = ""
     default_aux_loss_weight: ClassVar[float] = 0.0
     Options: ClassVar[type[MethodOptions]] = MethodOptions
-    top_k_of: ClassVar[str | None] = None
 
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
         """Reject settings this method cannot honour (raise ``ConfigError`` naming the field).
 
-        The base check parses ``method_options`` into :attr:`Options` (unknown keys, types and bounds) and
-        rejects a ``top_k`` the method cannot honour (no top-k routing, or more than it selects among);
-        subclasses add their own checks.
+        The base check parses ``method_options`` into :attr:`Options` (unknown keys, types and bounds, a
+        ``top_k`` above the count it selects from); subclasses add their own checks.
         """
-        if config.top_k is not None:
-            if cls.top_k_of is None:
-                raise ConfigError(
-                    f"MixtureConfig.top_k={config.top_k!r} is invalid: method {cls.name!r} has no top-k routing "
-                    "(leave top_k unset)"
-                )
-            count = getattr(config, cls.top_k_of)
-            if config.top_k > count:
-                raise ConfigError(
-                    f"MixtureConfig.top_k={config.top_k} is invalid: at most {cls.top_k_of}={count} for "
-                    f"{cls.name!r} (it selects top_k of {count})"
-                )
         cls.options(config)
 
     @classmethod

@@ -7,9 +7,11 @@ row q. The route depends on the input, so a task cannot be merged or exported.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from loramix.methods.base import SharedDownProjection, register_method
+from loramix.methods.options import TopKOptions
 from loramix.mixers import Mixer
 from loramix.routers import TokenSoftmaxRouter
 
@@ -17,15 +19,25 @@ if TYPE_CHECKING:
     from loramix.config import MixtureConfig
 
 
+@dataclass(frozen=True)
+class HydraLoRAOptions(TopKOptions):
+    """HydraLoRA's ``method_options``: ``top_k``, heads kept per token (default: all, a dense router)."""
+
+
 @register_method
 class HydraLoRA(SharedDownProjection):
     """HydraLoRA: shared A, E B heads, dense token router."""
 
     name = "hydralora"
-    top_k_of = "num_experts"
+    Options = HydraLoRAOptions
 
     @classmethod
     def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
         return TokenSoftmaxRouter(
-            in_features, config.num_experts, config.r, top_k=config.top_k, balance=False, pairing=cls.pairing(config)
+            in_features,
+            config.num_experts,
+            config.r,
+            top_k=cls.options(config).top_k,
+            balance=False,
+            pairing=cls.pairing(config),
         )

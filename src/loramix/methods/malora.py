@@ -22,14 +22,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from loramix.context import RoutingContext
 from loramix.methods.base import Method, register_method
-from loramix.methods.options import MethodOptions, option
+from loramix.methods.options import TopKOptions, option
 from loramix.mixers import Mixer
 from loramix.routers import TokenSoftmaxRouter
 
@@ -49,7 +49,9 @@ class SubspaceMixer(TokenSoftmaxRouter):
         self.expert_proj = nn.Parameter(torch.zeros(num_experts * wide_rank, subspace_rank))
 
     def mix(self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor) -> torch.Tensor:
-        return (hidden @ self.expert_proj.T.to(hidden.dtype)) * self.route(x, context)
+        hidden, logits = self.split_scores(hidden, x)
+        wide = hidden @ self.expert_proj.T.to(hidden.dtype)
+        return self.weigh_experts(wide, self.expert_weights(x, context, logits).to(x.dtype))
 
     @torch.no_grad()
     def init_banks(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
@@ -62,13 +64,16 @@ class SubspaceMixer(TokenSoftmaxRouter):
 
 
 @dataclass(frozen=True)
-class MALoRAOptions(MethodOptions):
-    """MALoRA's ``method_options``: d, the shared subspace's rank (default r·N / 2), and β."""
+class MALoRAOptions(TopKOptions):
+    """MALoRA's ``method_options``: ``top_k`` (experts kept per token, default 2), d, the shared subspace's
+    rank (default r·N / 2), and β."""
 
+    default_top_k: ClassVar[int | None] = 2
     subspace_rank: int | None = option(None, low=1)
     balance_factor: float = option(1.0, above=0)
 
     def resolve(self, method: str, config: MixtureConfig) -> MALoRAOptions:
+        self = super().resolve(method, config)
         total = config.r * config.num_experts
         if self.subspace_rank is None:
             return dataclasses.replace(self, subspace_rank=max(1, total // 2))
@@ -82,7 +87,6 @@ class MALoRA(Method):
     """MALoRA: shared down-projection subspace, per-expert projections, widened up-projections, top-k tokens."""
 
     name = "malora"
-    top_k_of = "num_experts"
     Options = MALoRAOptions
     default_aux_loss_weight = 0.001
 
@@ -104,6 +108,5 @@ class MALoRA(Method):
     @classmethod
     def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
         subspace, wide = cls.sizes(config)
-        top_k = 2 if config.top_k is None else config.top_k
-        beta = cls.options(config).balance_factor
-        return SubspaceMixer(in_features, config.num_experts, wide, subspace, top_k, beta)
+        options = cls.options(config)
+        return SubspaceMixer(in_features, config.num_experts, wide, subspace, options.top_k, options.balance_factor)

@@ -15,9 +15,11 @@ the input, so a task cannot be merged or exported.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 from loramix.methods.base import Method, register_method
+from loramix.methods.options import TopKOptions
 from loramix.mixers import Mixer
 from loramix.routers import TokenSoftmaxRouter
 
@@ -25,15 +27,22 @@ if TYPE_CHECKING:
     from loramix.config import MixtureConfig
 
 
+@dataclass(frozen=True)
+class MixLoRAOptions(TopKOptions):
+    """MixLoRA's ``method_options``: ``top_k``, experts kept per token (default 2, at most ``num_experts``)."""
+
+    default_top_k: ClassVar[int | None] = 2
+
+
 @register_method
 class MixLoRA(Method):
     """MixLoRA: top-k (default 2) token routing over E experts with a load-balancing loss."""
 
     name = "mixlora"
-    top_k_of = "num_experts"
+    Options = MixLoRAOptions
     default_aux_loss_weight = 0.01
 
     @classmethod
     def make_mixer(cls, config: MixtureConfig, in_features: int, out_features: int) -> Mixer:
-        top_k = 2 if config.top_k is None else config.top_k
+        top_k = cls.options(config).top_k
         return TokenSoftmaxRouter(in_features, config.num_experts, config.r, top_k=top_k, balance=True)

@@ -181,11 +181,6 @@ class MoRE(Method):
 
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
-        if config.top_k is not None:
-            raise ConfigError(
-                f"MixtureConfig.top_k={config.top_k!r} is invalid: 'more' has no top-k routing (it picks one "
-                "rank per task; leave top_k unset)"
-            )
         if config.num_experts != 1:
             raise ConfigError(
                 f"MixtureConfig.num_experts={config.num_experts} is invalid: 'more' has one LoRA of rank r "

@@ -4,8 +4,9 @@ A field is one option; its type annotation says what a value must be (``bool``, 
 or ``tuple[int, ...]``, optionally ``| None``) and :func:`option` adds bounds, choices and help. Parsing is
 generic: unknown keys are rejected by name, booleans must be booleans, numbers finite numbers (never
 booleans) within their bounds, strings one of their choices. Defaults live in the dataclass, in one place;
-a default that depends on the rest of the config (MALoRA's subspace rank) is ``None`` there and filled in
-by :meth:`MethodOptions.resolve`, which also checks what involves other fields.
+a default that depends on the rest of the config (MALoRA's subspace rank, a top-k capped by the count it
+selects from) is ``None`` there and filled in by :meth:`MethodOptions.resolve`, which also checks what
+involves other fields. Methods with top-k routing derive their options from :class:`TopKOptions`.
 """
 
 from __future__ import annotations
@@ -81,6 +82,31 @@ class MethodOptions:
         raise ConfigError(
             f"MixtureConfig.method_options[{name!r}]={value!r} is invalid for {method!r}: expected {allowed}"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKOptions(MethodOptions):
+    """Options of a method with top-k routing: ``top_k``, how many of its ``top_k_of`` each token keeps.
+
+    ``top_k`` must be at most the count it selects from (``config.num_experts`` or ``config.r``, per
+    :attr:`top_k_of`); unset, it is the method's :attr:`default_top_k` capped at that count (``None``: dense,
+    every expert weighted).
+    """
+
+    top_k: int | None = option(None, low=1)
+    top_k_of: ClassVar[str] = "num_experts"
+    default_top_k: ClassVar[int | None] = None
+
+    def resolve(self, method: str, config: MixtureConfig) -> TopKOptions:
+        count = getattr(config, self.top_k_of)
+        if self.top_k is None:
+            default = None if self.default_top_k is None else min(self.default_top_k, count)
+            return dataclasses.replace(self, top_k=default)
+        if self.top_k > count:
+            self.fail(
+                method, "top_k", self.top_k, f"an integer in [1, {self.top_k_of}={count}] (it selects from {count})"
+            )
+        return self
 
 
 def _checked(method: str, name: str, value: Any, hint: Any, bounds: Mapping[str, Any]) -> Any:

@@ -4,7 +4,7 @@ Every rank-1 component of one LoRA of rank R (``config.r``) is an expert. Per to
 
     g   = sigmoid(W_r x)                    ∈ R^R
     s   = g + b                             (b: a non-learned balance bias)
-    idx = top-k(s)                          (k = ``top_k``, default 8)
+    idx = top-k(s)                          (k = ``method_options["top_k"]``, default min(8, R))
     ĝ_i = k · s_i / Σ_{j ∈ idx} s_j         for i ∈ idx, 0 elsewhere
     h   = W0 x + (alpha / k) Σ_{i ∈ idx} ĝ_i B[:, i] A[i, :] x
 
@@ -17,7 +17,7 @@ bias is saved with the adapter. Token-level, so not mergeable.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -26,19 +26,20 @@ from loramix.checks import ConfigError
 from loramix.context import RoutingContext
 from loramix.gating import token_mask
 from loramix.methods.base import Method, register_method
-from loramix.methods.options import MethodOptions, option
+from loramix.methods.options import TopKOptions, option
 from loramix.mixers import Mixer, Router
 
 if TYPE_CHECKING:
     from loramix.config import MixtureConfig
 
-DEFAULT_TOP_K = 8
-
 
 @dataclass(frozen=True)
-class SMoRAOptions(MethodOptions):
-    """SMoRA's ``method_options``: u, the step of the balance bias."""
+class SMoRAOptions(TopKOptions):
+    """SMoRA's ``method_options``: ``top_k``, rank-1 experts kept per token (default 8, at most ``r``), and u,
+    the step of the balance bias."""
 
+    top_k_of: ClassVar[str] = "r"
+    default_top_k: ClassVar[int | None] = 8
     bias_update_rate: float = option(1e-5, low=0)
 
 
@@ -56,8 +57,18 @@ class RankRouter(Router):
         self.register_buffer("balance_bias", torch.zeros(rank))
         self.register_buffer("counts", torch.zeros(rank), persistent=False)
 
-    def route(self, x: torch.Tensor, context: RoutingContext) -> torch.Tensor:
-        scores = torch.sigmoid(self.proj(x.to(self.proj.weight.dtype)).float()) + self.balance_bias
+    def scorer(self) -> nn.Linear:
+        return self.proj
+
+    def mix(self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor) -> torch.Tensor:
+        hidden, logits = self.split_scores(hidden, x)
+        return hidden * self.route(x, context, logits)
+
+    def route(self, x: torch.Tensor, context: RoutingContext, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-token gate FloatTensor[..., R]; ``logits`` (``W_r x``) are computed here unless given."""
+        if logits is None:
+            logits = self.proj(x.to(self.proj.weight.dtype))
+        scores = torch.sigmoid(logits.float()) + self.balance_bias
         top_values, top_index = scores.topk(self.top_k, dim=-1)
         weights = self.top_k * top_values / top_values.sum(-1, keepdim=True)
         gate = torch.zeros_like(scores).scatter(-1, top_index, weights)
@@ -84,7 +95,6 @@ class SMoRA(Method):
 
     name = "smora"
     Options = SMoRAOptions
-    top_k_of = "r"
 
     @classmethod
     def validate(cls, config: MixtureConfig) -> None:
@@ -97,7 +107,8 @@ class SMoRA(Method):
 
     @classmethod
     def top_k(cls, config: MixtureConfig) -> int:
-        return min(DEFAULT_TOP_K, config.r) if config.top_k is None else config.top_k
+        """k, the rank-1 experts kept per token."""
+        return cls.options(config).top_k
 
     @classmethod
     def scale(cls, config: MixtureConfig) -> float:
