@@ -286,8 +286,6 @@ def moved_top_k(method: Any, top_k: Any, options: Any) -> Any:
         ConfigError: ``top_k`` is not a positive integer, the method has no top-k routing, or
             ``method_options["top_k"]`` differs.
     """
-    from loramix.methods import available_methods, get_method
-
     if not is_count(top_k):
         _fail("top_k", top_k, "None or a positive integer (it is method_options['top_k'] now)")
     if not isinstance(method, str) or method not in available_methods() or not isinstance(options, dict):
