@@ -97,6 +97,7 @@ def _add_domain(args: argparse.Namespace) -> int:
         expert_steps=args.expert_steps,
         router_steps=args.router_steps,
         learning_rate=args.lr,
+        max_length=args.max_length,
     )
     print(f"domain {args.name!r} added as expert {domain}: {Path(args.out) / 'adapter'} (earlier experts unchanged)")
     return 0
@@ -215,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("--expert-steps", type=int, default=100, help="steps training the new expert")
     grow.add_argument("--router-steps", type=int, default=50, help="steps retraining the routers")
     grow.add_argument("--lr", type=float, default=1e-3, help="learning rate of both steps")
+    grow.add_argument("--max-length", type=int, help="tokens per training row (default: the run's model.max_length)")
     grow.set_defaults(handler=_add_domain)
 
     bench = commands.add_parser("bench", help="run a benchmark of benchmarks/ (layer, more, moa, e2e)")

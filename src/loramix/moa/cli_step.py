@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 from loramix.config import read_json_file
@@ -21,6 +22,7 @@ def add_domain_recipe(
     expert_steps: int = 100,
     router_steps: int = 50,
     learning_rate: float = 1e-3,
+    max_length: int | None = None,
 ) -> Recipe:
     """The recipe that adds a domain to an ``moa`` run that ``loramix train`` wrote.
 
@@ -28,8 +30,8 @@ def add_domain_recipe(
     JSONL file appended as a task, the output in ``out_dir``, and two stages: ``new_expert`` (label
     routing, the new domain's data only, every earlier expert held bit-identical) and ``routers`` (router
     routing on the new domain plus the first ``replay_per_domain`` training examples of each earlier
-    domain, experts frozen). The earlier domains' data files are read again, with the run's split settings,
-    so they keep the split they were trained on.
+    domain, experts frozen). The earlier domains' examples and split come from the run's saved split (their
+    data files are not read again); ``max_length`` overrides the run's ``model.max_length``.
 
     Raises:
         RecipeError: the directory holds no trained run's recipe, the run is not an ``moa`` generation run,
@@ -51,6 +53,8 @@ def add_domain_recipe(
     recipe.init_adapter = str(Path(adapter_dir).resolve())
     recipe.data.tasks.append(SourceSpec(jsonl=str(Path(jsonl).resolve()), task=name))
     recipe.output_dir = str(out_dir)
+    if max_length is not None:
+        recipe.model = dataclasses.replace(recipe.model, max_length=max_length)
     recipe.name = f"{recipe.label}+{name}"
     recipe.stages = [
         StageSettings(

@@ -375,7 +375,7 @@ def _grown_run(recipe: Recipe) -> Run:
             named); the method cannot grow.
     """
     where = f"init_adapter={recipe.init_adapter!r}"
-    earlier = load_run(recipe.init_adapter)
+    earlier = load_run(recipe.init_adapter, is_trainable=True)
     old, new = earlier.recipe.data, recipe.data
     if new.tasks[: len(old.tasks)] != old.tasks:
         raise RecipeError(f"data.tasks must start with the sources {where} was trained on, in order: {old.tasks}")
@@ -404,16 +404,14 @@ def _grown_run(recipe: Recipe) -> Run:
     model = run.model
     added = task_set.names[len(earlier.task_set.names) :]
     saved = model.mixture_config
+    differ = _config_differences(config, saved, grown=len(added))
+    if differ:
+        raise RecipeError(f"mixture: {'; '.join(differ)} (the recipe's vs those of {where})")
     if added:
         grow = getattr(model.method, "grow_tasks", None)
         if grow is None:
             raise RecipeError(f"{where}: method {saved.method!r} cannot add tasks {added}")
-        differ = _config_differences(config, saved, grown=len(added))
-        if not differ:
-            grow(model, added, seed=recipe.model.init_seed)
-    differ = _config_differences(config, saved)
-    if differ:
-        raise RecipeError(f"mixture: {'; '.join(differ)} (recipe vs {where})")
+        grow(model, added, seed=recipe.model.init_seed)
     check_stages(recipe, model)
     return Run(recipe, run.tokenizer, task_set, run.splits, model, run.sources)
 
@@ -556,12 +554,12 @@ def _reread_data(directory: Path, recipe: Recipe) -> tuple[TaskSet, Splits, list
     return task_set, splits, sources
 
 
-def load_run(adapter_dir: str | Path) -> Run:
+def load_run(adapter_dir: str | Path, is_trainable: bool = False) -> Run:
     """Rebuild a trained run from its adapter directory (as ``loramix train`` writes it).
 
     The task set and split come from the directory's ``run.json`` and ``split.jsonl``: no data file is
     read. An adapter saved without them re-reads its recipe's data (with a warning, or an error naming
-    the file when its ``run.json`` records other data hashes).
+    the file when its ``run.json`` records other data hashes). The adapter is frozen unless ``is_trainable``.
 
     Raises:
         RecipeError: the directory holds no adapter or no recipe, or its split belongs to other tasks.
@@ -584,5 +582,5 @@ def load_run(adapter_dir: str | Path) -> Run:
             )
     labels = [task_set.num_labels(name) for name in task_set.names]
     base = load_base_model(recipe.model, tokenizer, labels)
-    model = MixtureModel.from_pretrained(base, directory)
+    model = MixtureModel.from_pretrained(base, directory, is_trainable=is_trainable)
     return Run(recipe, tokenizer, task_set, splits, model, sources)
