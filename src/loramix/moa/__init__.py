@@ -13,7 +13,14 @@ Typical use::
 
 from loramix.moa.batches import DomainStreams, TokenizedExample, collate
 from loramix.moa.grow import add_domain, grow_domain
-from loramix.moa.routing import current_route_by, domain_routers, route_by, router_accuracy, set_route_by
+from loramix.moa.routing import (
+    current_route_by,
+    domain_routers,
+    route_by,
+    router_accuracy,
+    set_gate,
+    set_route_by,
+)
 from loramix.moa.training import StageSettings, domain_lm_loss, train_adapters, train_experts, train_routers
 
 __all__ = [
@@ -28,6 +35,7 @@ __all__ = [
     "grow_domain",
     "route_by",
     "router_accuracy",
+    "set_gate",
     "set_route_by",
     "train_adapters",
     "train_experts",

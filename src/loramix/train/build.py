@@ -378,7 +378,8 @@ def _grown_run(recipe: Recipe) -> Run:
     earlier = load_run(recipe.init_adapter, is_trainable=True)
     old, new = earlier.recipe.data, recipe.data
     if new.tasks[: len(old.tasks)] != old.tasks:
-        raise RecipeError(f"data.tasks must start with the sources {where} was trained on, in order: {old.tasks}")
+        trained = [f"{source.kind}: {getattr(source, source.kind)} (task {source.task})" for source in old.tasks]
+        raise RecipeError(f"data.tasks must start with the sources {where} was trained on, in order: {trained}")
     for key in sorted(SPLIT_KEYS):
         if getattr(new, key) != getattr(old, key):
             raise RecipeError(
