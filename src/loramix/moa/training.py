@@ -124,6 +124,7 @@ def _run(
         log(state.stage_step - 1, metrics)
 
     flags = {name: param.requires_grad for name, param in model.named_parameters()}
+    was_training = model.training
     chosen = {id(param) for param in trained}
     for param in model.parameters():
         param.requires_grad_(id(param) in chosen)
@@ -139,6 +140,7 @@ def _run(
             )
             state = trainer.train()
     finally:
+        model.train(was_training)
         for name, param in model.named_parameters():
             param.requires_grad_(flags[name])
         if model.mixture_config.method == "moa":
