@@ -467,6 +467,6 @@ def test_add_domain_keeps_the_saved_split_and_needs_no_old_data(tmp_path):
     grown = (tmp_path / "grown" / "adapter" / SPLIT_FILE).read_text().splitlines()
     assert [line for line in grown if json.loads(line)["task"] != "reverse"] == old
     (tmp_path / "away.jsonl").rename(tmp_path / "data.jsonl")
-    task_set, splits, _ = read_data(load_run(tmp_path / "grown" / "adapter").recipe.data)  # what the grown recipe would split
     run = load_run(tmp_path / "grown" / "adapter")
+    task_set, splits, _ = read_data(run.recipe.data)  # what the grown recipe would split
     assert run.task_set == task_set and run.splits == splits
