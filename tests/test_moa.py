@@ -7,6 +7,7 @@ import importlib.util
 import json
 import random
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -623,3 +624,30 @@ def test_init_adapter_with_another_split_is_refused(staged_run: Path, tmp_path: 
     recipe["data"]["test"] = 5
     with pytest.raises(RecipeError, match="data.test=5"):
         build_run(Recipe.from_dict(recipe))
+
+
+def test_cli_resume_from_the_stage_boundary_checkpoint_gives_the_same_adapter(staged_run: Path, tmp_path: Path) -> None:
+    """The boundary checkpoint's config routes by label, the recipe's by default: resume must accept it."""
+    copy = tmp_path / "run"
+    shutil.copytree(staged_run / "run", copy)
+    shutil.rmtree(copy / f"checkpoint-{STAGE1_STEPS + STAGE2_STEPS:08d}")
+    shutil.rmtree(copy / "adapter")
+    recipe = yaml.safe_load((staged_run / "recipe.yaml").read_text())
+    recipe["output_dir"] = str(copy)
+    assert main(["train", str(write_recipe(tmp_path, recipe, "recipe.yaml")), "--resume"]) == 0
+    expected = load_file(str(staged_run / "run" / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(copy / "adapter" / "adapter_model.safetensors"))
+    assert set(got) == set(expected) and all(torch.equal(got[key], expected[key]) for key in expected)
+
+
+@pytest.mark.parametrize("name", ["moa_smollm2", "moa_smollm2_add_domain"])
+def test_shipped_moa_recipes_load_round_trip_and_their_stage_options_check(name: str, tmp_path: Path) -> None:
+    recipe = Recipe.from_yaml(SHIPPED / f"{name}.yaml")
+    recipe.to_yaml(tmp_path / "copy.yaml")
+    assert Recipe.from_yaml(tmp_path / "copy.yaml") == recipe
+    names = [source.task for source in recipe.data.tasks]
+    config = MixtureConfig(
+        method="moa", target_modules=["q_proj"], r=2, num_experts=len(names), num_tasks=len(names), task_names=names
+    )
+    for stage in recipe.stages:
+        MoA.check_stage_options(config, stage.options)

@@ -225,6 +225,8 @@ class MoA(Method):
 
     name = "moa"
     Options = MoAOptions
+    #: ``method_options`` that training stages set (:meth:`start_stage`); runs compare configs without them
+    stage_settable_options = ("route_by", "gate")
     default_aux_loss_weight = 1.0
 
     @classmethod

@@ -25,6 +25,7 @@ from typing import Any
 
 from loramix.config import read_json_file
 from loramix.data import DataError, Example, Splits, TaskData, TaskSet
+from loramix.methods.base import get_method
 from loramix.model import SAVE_ONLY_KEYS, is_mixture_directory, mixture_config_file
 from loramix.train.checkpoint import PREFIX, STATE_NAME, list_checkpoints
 from loramix.train.settings import RecipeError
@@ -56,6 +57,22 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True))
 
 
+def comparable_mixture(mixture: dict[str, Any]) -> dict[str, Any]:
+    """A mixture config without the ``method_options`` its method lets training stages set.
+
+    MoA's stages switch ``route_by`` (and may switch ``gate``) in the model's config, so checkpoints and the
+    final adapter hold the mode of their stage; the stages' options, part of the fingerprint, say it.
+    """
+    try:
+        keys = getattr(get_method(mixture.get("method")), "stage_settable_options", ())
+    except (KeyError, ValueError, TypeError):
+        return mixture
+    options = mixture.get("method_options")
+    if not keys or not isinstance(options, dict):
+        return mixture
+    return {**mixture, "method_options": {key: value for key, value in options.items() if key not in keys}}
+
+
 def run_fingerprint(
     recipe: Any, mixture: dict[str, Any], task_set: TaskSet, sources: Sequence[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -63,7 +80,8 @@ def run_fingerprint(
 
     Args:
         recipe: the :class:`~loramix.train.recipe.Recipe`.
-        mixture: the completed mixture config (``MixtureConfig.to_dict()``).
+        mixture: the completed mixture config (``MixtureConfig.to_dict()``); options a stage sets are left
+            out (:func:`comparable_mixture`).
         task_set: the tasks, in id order, with their labels.
         sources: one record per data source (its kind, settings and content hash; a ``file`` key, the
             data file's path, is left out).
@@ -81,7 +99,7 @@ def run_fingerprint(
     stages = [dataclasses.asdict(stage.resolved(recipe.training)) for stage in recipe.stages]
     fingerprint = {
         "model": dataclasses.asdict(recipe.model),
-        "mixture": mixture,
+        "mixture": comparable_mixture(mixture),
         "tasks": task_set.to_dict()["tasks"],
         "data": data,
         "training": training,
@@ -275,6 +293,7 @@ def check_resume(
     except (OSError, ValueError) as error:
         raise RecipeError(f"cannot resume: the mixture config of {checkpoint} is unreadable ({error})") from None
     saved_mixture = {key: value for key, value in saved_mixture.items() if key not in SAVE_ONLY_KEYS}
+    saved_mixture = comparable_mixture(saved_mixture)
     # the checkpoint's own config, so that a checkpoint of another run placed here is never adopted
     checkpoint_changes = [f"mixture.{line}" for line in _differences(saved_mixture, fingerprint["mixture"], "")]
     candidates = [checkpoint.parent / RUN_FILE, Path(directory) / RUN_FILE]
