@@ -1,5 +1,9 @@
 """MoA procedures: stage 1 (all domain experts in one run), stage 2 (routers), adding a domain.
 
+From the command line both stages are one recipe (``loramix train recipes/moa_smollm2.yaml``) and adding a
+domain is another (``init_adapter``; ``loramix add-domain``). These Python helpers run the same trainer
+(:class:`loramix.train.Trainer`) on tokenized examples by domain.
+
 Typical use::
 
     model = get_mixture_model(base, MixtureConfig(method="moa", num_tasks=4, num_experts=4, r=8))
