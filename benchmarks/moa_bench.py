@@ -50,7 +50,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from loramix import MixtureConfig, MixtureModel, get_mixture_model
 from loramix.assets import bigbench_tasks_dir, cache_dir, smollm2_path
-from loramix.moa import StageSettings, add_domain, route_by, train_adapters, train_experts, train_routers
+from loramix.moa import (
+    StageSettings,
+    add_domain,
+    route_by,
+    set_gate,
+    train_adapters,
+    train_experts,
+    train_routers,
+)
 from loramix.model import mixture_config_file
 
 RESULTS = Path(__file__).parent / "results"
@@ -438,8 +446,7 @@ class Runner:
         elif name in ("moa_router", "moa_soft", "moa_router_long"):
             model = self.stage2("stage2_long" if name == "moa_router_long" else "stage2")
             if name == "moa_soft":
-                for layer in model.mixture_layers().values():
-                    layer.router.gate = "soft"
+                set_gate(model, "soft")
             result["exact_match"] = exact_match(model, self.tokenizer, tests, self.bench)
             result["router"] = router_stats(model, self.tokenizer, tests, self.bench)
             result["train_seconds"] = self._train_seconds("stage2_long" if name == "moa_router_long" else "stage2")

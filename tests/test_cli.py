@@ -260,7 +260,7 @@ def test_add_domain_keeps_earlier_experts(tmp_path):
         "24",
     ]
     assert main(args) == 0
-    grown = load_run(out)
+    grown = load_run(out / "adapter")
     assert grown.task_set.names == [*load_run(adapter).task_set.names, "reverse"]
     old_layers = before.mixture_layers()
     for name, layer in grown.model.mixture_layers().items():
@@ -269,7 +269,8 @@ def test_add_domain_keeps_earlier_experts(tmp_path):
         assert layer.lora_A.shape[0] == rank + 2
         assert torch.equal(layer.lora_A[:rank], old.lora_A) and torch.equal(layer.lora_B[:, :rank], old.lora_B)
         assert layer.lora_B[:, rank:].abs().sum() > 0
-    again = ["add-domain", "--adapter", str(out), "--data", str(new_data), "--name", "reverse", "--out", str(tmp_path)]
+    grown_dir = str(out / "adapter")
+    again = ["add-domain", "--adapter", grown_dir, "--data", str(new_data), "--name", "reverse", "--out", str(tmp_path)]
     assert main(again) == 2  # the name is taken: a one-line error, nothing written
 
 

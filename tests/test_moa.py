@@ -2,33 +2,45 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import random
+import re
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
+from safetensors.torch import load_file
 from torch import nn
 
 import tiny_models
 from loramix import ConfigError, MixtureConfig, MixtureModel, get_mixture_model
+from loramix.cli import main
 from loramix.context import ContextHolder, RoutingContext
 from loramix.gating import pool_sequences
 from loramix.layer import MixtureLinear
 from loramix.methods.moa import MoA
 from loramix.moa import (
+    DomainStreams,
     StageSettings,
     add_domain,
     domain_routers,
     grow_domain,
     route_by,
     router_accuracy,
+    set_gate,
     set_route_by,
     train_experts,
     train_routers,
 )
+from loramix.runs.build import build_run, load_run
+from loramix.runs.settings import RecipeError
+from loramix.train import Recipe, Trainer, TrainerState
 
 RANK = 3
 SETTINGS = StageSettings(steps=4, per_domain_batch=2, lr=1e-2, weight_decay=0.01, max_length=14)
@@ -331,3 +343,311 @@ def test_quick_benchmark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     added = json.loads((tmp_path / "moa_added.json").read_text())
     assert len(added["exact_match"]) == 5 and 0.0 <= added["router"]["vote_accuracy"] <= 1.0
     assert (tmp_path / "moa_table.md").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ core grow / one mode
+def test_routing_mode_lives_in_the_config_only() -> None:
+    model = moa_model()
+    inputs = tiny_models.batch("llama")
+    with torch.no_grad():
+        routed = model(**inputs).logits
+        model.mixture_config.method_options["route_by"] = "label"  # one write switches every layer
+        assert all(router.route_by == "label" for router in domain_routers(model).values())
+        by_label = model(**inputs, task_ids=[2, 2, 2]).logits
+    assert not torch.allclose(routed, by_label)
+    router = next(iter(domain_routers(model).values()))
+    with pytest.raises(AttributeError):
+        router.route_by = "router"  # no second copy to keep in step
+    set_gate(model, "soft")
+    assert router.gate == "soft" and model.mixture_config.method_options["gate"] == "soft"
+
+
+def test_layer_grow_refuses_a_mixer_that_cannot_grow_and_changes_nothing() -> None:
+    config = MixtureConfig(method="lora", target_modules=["q_proj"], r=RANK)
+    model = get_mixture_model(tiny_models.build("llama"), config)
+    layer = next(iter(model.mixture_layers().values()))
+    before = {key: value.clone() for key, value in model.adapter_state_dict().items()}
+    with pytest.raises(TypeError, match="cannot grow"):
+        layer.grow_experts(1, RANK)
+    after = model.adapter_state_dict()
+    assert all(torch.equal(before[key], after[key]) for key in before) and set(before) == set(after)
+
+
+def test_grow_tasks_checks_every_name_before_changing_anything() -> None:
+    config = MixtureConfig(
+        method="moa", target_modules=["q_proj"], r=RANK, num_experts=2, num_tasks=2, task_names=["math", "qa"]
+    )
+    model = get_mixture_model(tiny_models.build("llama"), config)
+    before = {key: value.clone() for key, value in model.adapter_state_dict().items()}
+    with pytest.raises(ConfigError, match="'qa'"):
+        MoA.grow_tasks(model, ["dates", "qa"])
+    after = model.adapter_state_dict()
+    assert all(torch.equal(before[key], after[key]) for key in before) and set(before) == set(after)
+    assert model.mixture_config.num_tasks == 2 and model.mixture_config.task_names == ["math", "qa"]
+    assert MoA.grow_tasks(model, ["dates", "units"]) == [2, 3]
+    assert model.mixture_config.num_experts == 4 and model.mixture_config.task_names[2:] == ["dates", "units"]
+    for layer in model.mixture_layers().values():
+        assert layer.lora_A.shape[0] == 4 * RANK and layer.router.classifier.out_features == 4
+        assert layer.lora_A.requires_grad and layer.router.classifier.weight.requires_grad
+    with torch.no_grad():
+        model(**tiny_models.batch("llama"), task_ids=["units", "dates", "qa"])
+
+
+def test_domain_streams_resume_where_they_stood() -> None:
+    domains = {0: domain_examples(3, 50, seed=1, count=5), 1: domain_examples(50, 97, seed=2, count=3)}
+    first = DomainStreams(domains, per_domain=2, max_length=14, pad_token_id=0, seed=4)
+    for _ in range(3):
+        first.next_batch()
+    state = json.loads(json.dumps(first.state_dict()))
+    second = DomainStreams(domains, per_domain=2, max_length=14, pad_token_id=0, seed=4)
+    second.load_state_dict(state)
+    for _ in range(4):
+        expected, got = first.next_batch(), second.next_batch()
+        assert all(torch.equal(expected[key], got[key]) for key in expected)
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+SHIPPED = Path(__file__).parents[1] / "recipes"
+DOMAIN_WORDS = {
+    "colours": ["red", "blue", "green", "yellow", "purple", "orange"],
+    "numbers": ["one", "two", "three", "four", "five", "six"],
+    "animals": ["cat", "dog", "fish", "bird", "horse", "sheep"],
+}
+STAGE1_STEPS, STAGE2_STEPS = 4, 14
+
+
+def write_domain(path: Path, name: str, count: int = 28) -> Path:
+    rng = random.Random(name)
+    lines = []
+    for _ in range(count):
+        words = [rng.choice(DOMAIN_WORDS[name]) for _ in range(4)]
+        lines.append({"text": " ".join(words), "target": words[0]})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def tiny_moa_recipe(
+    tmp_path: Path, shipped: str, output: str, domains: list[str], data_dir: Path | None = None, **changes
+) -> dict:
+    """A shipped MoA recipe with its stages as they are, on tiny-llama and small JSONL domains (in ``data_dir``)."""
+    data_dir = data_dir or tmp_path
+    recipe = yaml.safe_load((SHIPPED / shipped).read_text())
+    recipe["output_dir"] = str(tmp_path / output)
+    recipe["model"] = {"name": "tiny-llama", "task_type": "generation", "max_length": 24}
+    recipe["mixture"]["r"] = 2
+    recipe["mixture"]["target_modules"] = ["q_proj", "v_proj"]
+    recipe["data"] = {
+        "tasks": [{"jsonl": str(write_domain(data_dir / f"{name}.jsonl", name)), "task": name} for name in domains],
+        "validation": 4,
+        "test": 4,
+        "sampler": "uniform",
+    }
+    recipe["training"] = {
+        "batch_size": 8,
+        "learning_rate": 1e-2,
+        "weight_decay": 0.05,
+        "warmup_steps": 1,
+        "keep_last": None,
+        "log_every": 1,
+        "progress_bar": False,
+        "mixed_precision": "no",
+        "use_cpu": True,
+    }
+    recipe["eval"] = {"batch_size": 8, "max_new_tokens": 2}
+    recipe.update(changes)
+    return recipe
+
+
+def write_recipe(tmp_path: Path, recipe: dict, name: str) -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def staged_recipe(tmp_path: Path, output: str = "run") -> dict:
+    recipe = tiny_moa_recipe(tmp_path, "moa_smollm2.yaml", output, ["colours", "numbers"])
+    experts, routers = recipe["stages"]
+    assert experts["options"] == {"route_by": "label"} and routers["options"] == {"route_by": "router"}
+    experts["max_steps"], routers["max_steps"] = STAGE1_STEPS, STAGE2_STEPS
+    routers["learning_rate"], routers["warmup_steps"] = 5e-2, 1
+    return recipe
+
+
+def checkpoint_state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / f"checkpoint-{step:08d}" / "adapter_model.safetensors"))
+
+
+def router_accuracy_on(run, names: list[str]) -> float:
+    """Mean router accuracy over layers on the run's validation and test prompts of the given domains."""
+    examples = [example for example in run.split("validation") + run.split("test") if example.task in names]
+    encoded = run.tokenizer([example.text for example in examples], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        run.model(**encoded, task_ids=[run.task_set.task_id(example.task) for example in examples])
+    accuracy = router_accuracy(run.model.last_records)
+    return sum(accuracy.values()) / len(accuracy)
+
+
+@pytest.fixture(scope="module")
+def staged_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("moa_recipe")
+    assert main(["train", str(write_recipe(tmp_path, staged_recipe(tmp_path), "recipe.yaml"))]) == 0
+    return tmp_path
+
+
+def test_staged_recipe_trains_experts_then_routers(staged_run: Path) -> None:
+    run_dir = staged_run / "run"
+    initial = build_run(Recipe.from_yaml(staged_run / "recipe.yaml")).model.adapter_state_dict()
+    after_experts = checkpoint_state(run_dir, STAGE1_STEPS)
+    after_routers = checkpoint_state(run_dir, STAGE1_STEPS + STAGE2_STEPS)
+    experts = [key for key in initial if ".lora_" in key]
+    routers = [key for key in initial if ".router." in key]
+    assert experts and routers and len(experts) + len(routers) == len(initial)
+    for key in experts:  # stage 1 moves every expert, stage 2 none
+        assert not torch.equal(initial[key], after_experts[key]), key
+        assert torch.equal(after_experts[key], after_routers[key]), key
+    for key in routers:  # stage 1 leaves the routers, stage 2 moves them
+        assert torch.equal(initial[key], after_experts[key]), key
+    assert all(not torch.equal(after_experts[key], after_routers[key]) for key in routers if key.endswith("weight"))
+    config = json.loads((run_dir / f"checkpoint-{STAGE1_STEPS:08d}" / "loramix_config.json").read_text())
+    assert config["method_options"]["route_by"] == "label"
+    run = load_run(run_dir / "adapter")
+    assert run.model.mixture_config.method_options["route_by"] == "router"
+    assert router_accuracy_on(run, ["colours", "numbers"]) >= 0.75  # chance: 0.5
+
+
+class Crash(RuntimeError):
+    """The injected failure."""
+
+
+def crash_at(step: int):
+    def callback(state: TrainerState) -> None:
+        if state.global_step == step:
+            raise Crash(f"crash at step {step}")
+
+    return callback
+
+
+def train_with_crash(recipe: Recipe, directory: Path, crash: int | None) -> dict[str, torch.Tensor]:
+    """Train ``recipe`` into ``directory``; with ``crash``, stop at that step and resume in a new process state."""
+
+    def trainer(callbacks=()) -> Trainer:
+        run = build_run(recipe)
+        return Trainer(run.model, recipe.training, run.batches, directory, stages=recipe.stages, callbacks=callbacks)
+
+    if crash is not None:
+        with pytest.raises(Crash):
+            trainer([crash_at(crash)]).train()
+    resumed = trainer()
+    resumed.train(resume_from=crash is not None)
+    return resumed.model.adapter_state_dict()
+
+
+def test_resume_across_the_stage_boundary_is_exact(tmp_path: Path) -> None:
+    data = staged_recipe(tmp_path)
+    data["training"]["save_every"] = 3  # checkpoints at 3, 4 (stage end) and 3 steps into stage 2
+    recipe = Recipe.from_dict(data)
+    expected = train_with_crash(recipe, tmp_path / "reference", None)
+    got = train_with_crash(recipe, tmp_path / "resumed", crash=STAGE1_STEPS + 2)  # resumes at the boundary
+    assert set(got) == set(expected) and all(torch.equal(got[key], expected[key]) for key in expected)
+
+
+def add_domain_recipe_dict(tmp_path: Path, adapter: Path, output: str) -> dict:
+    recipe = tiny_moa_recipe(
+        tmp_path,
+        "moa_smollm2_add_domain.yaml",
+        output,
+        ["colours", "numbers", "animals"],
+        data_dir=adapter.parents[1],
+        init_adapter=str(adapter),
+    )
+    new_expert, routers = recipe["stages"]
+    assert new_expert["options"]["train_experts"] == ["counting"]
+    new_expert["options"]["train_experts"] = ["animals"]
+    new_expert["data"]["only_tasks"] = ["animals"]
+    new_expert["max_steps"], routers["max_steps"] = 4, STAGE2_STEPS
+    routers["learning_rate"] = 5e-2
+    routers["data"]["limit_train"] = {"colours": 6, "numbers": 6}
+    recipe["training"]["save_every"] = 2
+    return recipe
+
+
+def test_add_domain_recipe_holds_old_experts_bit_identical_across_a_resume(staged_run: Path, tmp_path: Path) -> None:
+    adapter = staged_run / "run" / "adapter"
+    old = load_file(str(adapter / "adapter_model.safetensors"))
+    recipe = add_domain_recipe_dict(tmp_path, adapter, "grown")
+    assert main(["train", str(write_recipe(tmp_path, recipe, "grow.yaml"))]) == 0
+    grown = load_run(tmp_path / "grown" / "adapter")
+    assert grown.task_set.names == ["colours", "numbers", "animals"]
+    state = grown.model.adapter_state_dict()
+    rank = 2
+    for key, value in old.items():
+        if key.endswith("lora_A"):
+            assert state[key].shape[0] == 3 * rank and digest(state[key][: 2 * rank]) == digest(value), key
+        elif key.endswith("lora_B"):
+            assert digest(state[key][:, : 2 * rank]) == digest(value), key
+            assert state[key][:, 2 * rank :].abs().sum() > 0, key  # the new expert learned
+    # the grown split keeps the earlier domains' examples as they were
+    earlier = load_run(adapter)
+    assert [e for e in grown.split("test") if e.task != "animals"] == earlier.split("test")
+    assert router_accuracy_on(grown, ["colours", "numbers", "animals"]) > 0.5  # chance: 1/3
+    # crash inside the new expert's stage and resume: the held experts are those of the checkpoint, the same
+    resumed = train_with_crash(
+        Recipe.from_dict(add_domain_recipe_dict(tmp_path, adapter, "resumed")), tmp_path / "resumed", 3
+    )
+    assert set(resumed) == set(state) and all(torch.equal(resumed[key], state[key]) for key in state)
+
+
+def digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"route_by": "oracle"}, "route_by='oracle'"),
+        ({"train_experts": ["weather"]}, "'weather'"),
+        ({"eta": 1.0}, "unknown keys \\['eta'\\]"),
+    ],
+)
+def test_bad_stage_options_are_refused_before_anything_is_written(
+    tmp_path: Path, options: dict, message: str, capsys: pytest.CaptureFixture
+) -> None:
+    recipe = staged_recipe(tmp_path)
+    recipe["stages"][0]["options"] = options
+    assert main(["train", str(write_recipe(tmp_path, recipe, "recipe.yaml"))]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_adapter_with_another_split_is_refused(staged_run: Path, tmp_path: Path) -> None:
+    recipe = add_domain_recipe_dict(tmp_path, staged_run / "run" / "adapter", "grown")
+    recipe["data"]["test"] = 5
+    with pytest.raises(RecipeError, match="data.test=5"):
+        build_run(Recipe.from_dict(recipe))
+
+
+def test_cli_resume_from_the_stage_boundary_checkpoint_gives_the_same_adapter(staged_run: Path, tmp_path: Path) -> None:
+    """The boundary checkpoint's config routes by label, the recipe's by default: resume must accept it."""
+    copy = tmp_path / "run"
+    shutil.copytree(staged_run / "run", copy)
+    shutil.rmtree(copy / f"checkpoint-{STAGE1_STEPS + STAGE2_STEPS:08d}")
+    shutil.rmtree(copy / "adapter")
+    recipe = yaml.safe_load((staged_run / "recipe.yaml").read_text())
+    recipe["output_dir"] = str(copy)
+    assert main(["train", str(write_recipe(tmp_path, recipe, "recipe.yaml")), "--resume"]) == 0
+    expected = load_file(str(staged_run / "run" / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(copy / "adapter" / "adapter_model.safetensors"))
+    assert set(got) == set(expected) and all(torch.equal(got[key], expected[key]) for key in expected)
+
+
+@pytest.mark.parametrize("name", ["moa_smollm2", "moa_smollm2_add_domain"])
+def test_shipped_moa_recipes_load_round_trip_and_their_stage_options_check(name: str, tmp_path: Path) -> None:
+    recipe = Recipe.from_yaml(SHIPPED / f"{name}.yaml")
+    recipe.to_yaml(tmp_path / "copy.yaml")
+    assert Recipe.from_yaml(tmp_path / "copy.yaml") == recipe
+    names = [source.task for source in recipe.data.tasks]
+    config = MixtureConfig(
+        method="moa", target_modules=["q_proj"], r=2, num_experts=len(names), num_tasks=len(names), task_names=names
+    )
+    for stage in recipe.stages:
+        MoA.check_stage_options(config, stage.options)

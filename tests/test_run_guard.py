@@ -464,9 +464,9 @@ def test_add_domain_keeps_the_saved_split_and_needs_no_old_data(tmp_path):
     grow += ["--name", "reverse", "--out", str(tmp_path / "grown"), "--expert-steps", "1", "--router-steps", "1"]
     assert main([*grow, "--max-length", "24"]) == 0
     old = (tmp_path / "run" / "adapter" / SPLIT_FILE).read_text().splitlines()
-    grown = (tmp_path / "grown" / SPLIT_FILE).read_text().splitlines()
+    grown = (tmp_path / "grown" / "adapter" / SPLIT_FILE).read_text().splitlines()
     assert [line for line in grown if json.loads(line)["task"] != "reverse"] == old
     (tmp_path / "away.jsonl").rename(tmp_path / "data.jsonl")
-    task_set, splits, _ = read_data(load_run(tmp_path / "grown").recipe.data)  # what the grown recipe would split
-    run = load_run(tmp_path / "grown")
+    run = load_run(tmp_path / "grown" / "adapter")
+    task_set, splits, _ = read_data(run.recipe.data)  # what the grown recipe would split
     assert run.task_set == task_set and run.splits == splits

@@ -16,7 +16,6 @@ from loramix.demo import run_demo
 from loramix.eval import evaluate_adapters, markdown_table
 from loramix.export import check_output_dir
 from loramix.moa.cli_step import add_domain_to_run
-from loramix.moa.training import StageSettings
 from loramix.runs.recipe import Recipe
 from loramix.runs.settings import RecipeError
 from loramix.train import train_recipe
@@ -93,10 +92,12 @@ def _add_domain(args: argparse.Namespace) -> int:
         args.name,
         args.out,
         replay_per_domain=args.replay,
-        expert=StageSettings(steps=args.expert_steps, lr=args.lr, max_length=args.max_length),
-        routers=StageSettings(steps=args.router_steps, lr=args.lr, max_length=args.max_length),
+        expert_steps=args.expert_steps,
+        router_steps=args.router_steps,
+        learning_rate=args.lr,
+        max_length=args.max_length,
     )
-    print(f"domain {args.name!r} added as expert {domain}: {args.out} (earlier experts unchanged)")
+    print(f"domain {args.name!r} added as expert {domain}: {Path(args.out) / 'adapter'} (earlier experts unchanged)")
     return 0
 
 
@@ -195,16 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier demo in --out")
     demo.set_defaults(handler=_demo)
 
-    grow = commands.add_parser("add-domain", help="add a domain to a trained MoA run without touching its experts")
+    grow = commands.add_parser(
+        "add-domain",
+        help="add a domain to a trained MoA run without touching its experts (trains a recipe with init_adapter)",
+    )
     grow.add_argument("--adapter", required=True, help="the MoA run's adapter directory")
     grow.add_argument("--data", required=True, help="the new domain's JSON Lines file (text, target)")
     grow.add_argument("--name", required=True, help="the new domain's name")
-    grow.add_argument("--out", required=True, help="where the grown adapter and its recipe go")
+    grow.add_argument("--out", required=True, help="the new run's directory (the grown adapter goes to OUT/adapter)")
     grow.add_argument("--replay", type=int, default=8, help="examples of each earlier domain replayed (default 8)")
     grow.add_argument("--expert-steps", type=int, default=100, help="steps training the new expert")
     grow.add_argument("--router-steps", type=int, default=50, help="steps retraining the routers")
     grow.add_argument("--lr", type=float, default=1e-3, help="learning rate of both steps")
-    grow.add_argument("--max-length", type=int, default=96, help="tokens per training row")
+    grow.add_argument("--max-length", type=int, help="tokens per training row (default: the run's model.max_length)")
     grow.set_defaults(handler=_add_domain)
 
     bench = commands.add_parser("bench", help="run a benchmark of benchmarks/ (layer, more, moa, e2e)")

@@ -88,6 +88,41 @@ class MixtureLinear(nn.Module):
             self.lora_B.zero_()
             self.router.init_banks(self.lora_A, self.lora_B)
 
+    @torch.no_grad()
+    def grow_experts(
+        self, count: int, rank: int, init: str = "kaiming", generator: torch.Generator | None = None
+    ) -> None:
+        """Append ``count`` experts of rank ``rank``: ``count * rank`` rows to A, as many columns to B.
+
+        New A rows are initialised as at creation (Kaiming-uniform, or normal with std 1/r for
+        ``"gaussian"``), new B columns are zero, so the layer's output for the earlier experts does not
+        change; earlier rows and columns are copied bit for bit. Dtype, device and ``requires_grad`` are
+        kept. The mixer grows with them (its ``grow_experts(count)``).
+
+        Raises:
+            TypeError: the method's mixer cannot grow, or the banks are block-diagonal (checked first;
+                nothing changes).
+            ValueError: ``count`` or ``rank`` is not a positive integer.
+        """
+        grow = getattr(self.router, "grow_experts", None)
+        if grow is None:
+            raise TypeError(f"layer {self.layer_name}: {type(self.router).__name__} cannot grow experts")
+        if self.blocks > 1:
+            raise TypeError(f"layer {self.layer_name}: block-diagonal banks cannot grow experts")
+        for name, value in (("count", count), ("rank", rank)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"grow_experts: {name}={value!r} is invalid: expected an integer >= 1")
+        old_a, old_b = self.lora_A, self.lora_B
+        new_a = torch.empty(count * rank, self.in_features)
+        if init == "gaussian":
+            nn.init.normal_(new_a, std=1.0 / rank, generator=generator)
+        else:
+            nn.init.kaiming_uniform_(new_a, a=math.sqrt(5), generator=generator)
+        new_b = torch.zeros(self.out_features, count * rank, dtype=old_b.dtype, device=old_b.device)
+        self.lora_A = nn.Parameter(torch.cat([old_a, new_a.to(old_a)]), requires_grad=old_a.requires_grad)
+        self.lora_B = nn.Parameter(torch.cat([old_b, new_b], dim=1), requires_grad=old_b.requires_grad)
+        grow(count)
+
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight (models such as T5 read ``layer.weight`` for its dtype)."""

@@ -1,5 +1,9 @@
 """MoA procedures: stage 1 (all domain experts in one run), stage 2 (routers), adding a domain.
 
+From the command line both stages are one recipe (``loramix train recipes/moa_smollm2.yaml``) and adding a
+domain is another (``init_adapter``; ``loramix add-domain``). These Python helpers run the same trainer
+(:class:`loramix.train.Trainer`) on tokenized examples by domain.
+
 Typical use::
 
     model = get_mixture_model(base, MixtureConfig(method="moa", num_tasks=4, num_experts=4, r=8))
@@ -13,7 +17,14 @@ Typical use::
 
 from loramix.moa.batches import DomainStreams, TokenizedExample, collate
 from loramix.moa.grow import add_domain, grow_domain
-from loramix.moa.routing import current_route_by, domain_routers, route_by, router_accuracy, set_route_by
+from loramix.moa.routing import (
+    current_route_by,
+    domain_routers,
+    route_by,
+    router_accuracy,
+    set_gate,
+    set_route_by,
+)
 from loramix.moa.training import StageSettings, domain_lm_loss, train_adapters, train_experts, train_routers
 
 __all__ = [
@@ -28,6 +39,7 @@ __all__ = [
     "grow_domain",
     "route_by",
     "router_accuracy",
+    "set_gate",
     "set_route_by",
     "train_adapters",
     "train_experts",

@@ -9,7 +9,8 @@ domains (float kernels see the same shapes; rows of other domains contribute exa
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -46,7 +47,8 @@ class DomainStreams:
     """An endless stream of batches with ``per_domain`` rows from every domain, in domain order.
 
     Each domain's examples are reshuffled every epoch by its own ``random.Random`` seeded from
-    ``(seed, domain)``, so its order does not depend on the other domains.
+    ``(seed, domain)``, so its order does not depend on the other domains. It is a resumable batch source
+    for :class:`loramix.train.Trainer` (iteration never ends; ``state_dict`` / ``load_state_dict``).
 
     Args:
         domains: examples by domain id.
@@ -97,3 +99,34 @@ class DomainStreams:
         batch = collate(examples, self.max_length, self.pad_token_id)
         batch["task_ids"] = torch.tensor(task_ids, dtype=torch.long)
         return batch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where every domain's stream stands (its generator's state and the rest of its epoch), as JSON data."""
+        return {
+            str(domain): {"rng": _plain(self._rngs[domain].getstate()), "order": list(self._orders[domain])}
+            for domain in self.domains
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a state given by :meth:`state_dict`.
+
+        Raises:
+            ValueError: the state is of other domains.
+        """
+        if sorted(state) != sorted(str(domain) for domain in self.domains):
+            raise ValueError(f"the stream state holds domains {sorted(state)}, not {sorted(self.domains)}")
+        for domain in self.domains:
+            version, internal, gauss = state[str(domain)]["rng"]
+            self._rngs[domain].setstate((version, tuple(internal), gauss))
+            self._orders[domain] = [int(index) for index in state[str(domain)]["order"]]
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively (JSON data)."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(item) for item in value]
+    return value

@@ -1,74 +1,91 @@
-"""``loramix add-domain``: grow a trained MoA run by one domain from a JSONL file, without forgetting."""
+"""``loramix add-domain``: grow a trained MoA run by one domain from a JSONL file, with ``loramix train``'s trainer."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
-from loramix.moa.grow import add_domain
-from loramix.moa.training import StageSettings
-from loramix.runs.build import Run, extend_data, load_run, make_template, save_run_recipe
-from loramix.runs.recipe import SourceSpec
-from loramix.runs.settings import RecipeError
+from loramix.config import read_json_file
+from loramix.model import mixture_config_file
+from loramix.runs.build import RECIPE_NAME
+from loramix.runs.recipe import Recipe, SourceSpec
+from loramix.runs.settings import RecipeError, StageSettings
+from loramix.train.pipeline import train_recipe
 
 
-def add_domain_to_run(
+def add_domain_recipe(
     adapter_dir: str | Path,
     jsonl: str | Path,
     name: str,
     out_dir: str | Path,
     replay_per_domain: int = 8,
-    expert: StageSettings | None = None,
-    routers: StageSettings | None = None,
-) -> int:
-    """Add a domain to an ``moa`` run that ``loramix train`` wrote, and save the grown run.
+    expert_steps: int = 100,
+    router_steps: int = 50,
+    learning_rate: float = 1e-3,
+    max_length: int | None = None,
+) -> Recipe:
+    """The recipe that adds a domain to an ``moa`` run that ``loramix train`` wrote.
 
-    The new domain's examples (``text`` and ``target`` fields) train a new expert alone; the routers are
-    then retrained on them plus the first ``replay_per_domain`` training examples of each earlier domain.
-    Earlier experts stay byte-identical. The grown adapter and its recipe (the JSONL appended as a task
-    source, so ``loramix eval`` covers the new domain) go to ``out_dir``.
+    It is the run's own recipe (saved beside its adapter) with ``init_adapter`` set to the adapter, the
+    JSONL file appended as a task, the output in ``out_dir``, and two stages: ``new_expert`` (label
+    routing, the new domain's data only, every earlier expert held bit-identical) and ``routers`` (router
+    routing on the new domain plus the first ``replay_per_domain`` training examples of each earlier
+    domain, experts frozen). The earlier domains' examples and split come from the run's saved split (their
+    data files are not read again); ``max_length`` overrides the run's ``model.max_length``.
 
-    Args:
-        adapter_dir: the trained run's adapter directory.
-        jsonl: the new domain's data.
-        name: the new domain's name.
-        out_dir: where the grown adapter is written.
-        replay_per_domain: earlier-domain examples replayed while the routers are retrained.
-        expert: settings of the new expert's training (default: 100 steps, lr 1e-3).
-        routers: settings of the routers' retraining (default: 50 steps, lr 1e-3, experts frozen).
+    Raises:
+        RecipeError: the directory holds no trained run's recipe, the run is not an ``moa`` generation run,
+            the name is taken, or a count is not a positive integer.
+    """
+    path = Path(adapter_dir) / RECIPE_NAME
+    if not path.is_file():
+        raise RecipeError(f"{adapter_dir} is not the adapter directory of a loramix run (no {RECIPE_NAME})")
+    for label, value in (("replay", replay_per_domain), ("expert steps", expert_steps), ("router steps", router_steps)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise RecipeError(f"add-domain: {label}={value!r} is invalid: expected an integer >= 1")
+    recipe = copy.deepcopy(Recipe.from_yaml(path))
+    if recipe.mixture.get("method") != "moa" or recipe.model.task_type != "generation":
+        method = recipe.mixture.get("method")
+        raise RecipeError(f"{adapter_dir}: add-domain needs an 'moa' generation run, not {method!r}")
+    earlier = read_json_file(mixture_config_file(adapter_dir)).get("task_names") or []
+    if name in earlier:
+        raise RecipeError(f"domain {name!r} exists already: {earlier}")
+    recipe.init_adapter = str(Path(adapter_dir).resolve())
+    recipe.data.tasks.append(SourceSpec(jsonl=str(Path(jsonl).resolve()), task=name))
+    recipe.output_dir = str(out_dir)
+    if max_length is not None:
+        recipe.model = dataclasses.replace(recipe.model, max_length=max_length)
+    recipe.name = f"{recipe.label}+{name}"
+    recipe.stages = [
+        StageSettings(
+            name="new_expert",
+            max_steps=expert_steps,
+            learning_rate=learning_rate,
+            trainable=["lora_"],
+            max_grad_norm=0.0,
+            options={"route_by": "label", "train_experts": [name]},
+            data={"only_tasks": [name]},
+        ),
+        StageSettings(
+            name="routers",
+            max_steps=router_steps,
+            learning_rate=learning_rate,
+            trainable=["router"],
+            options={"route_by": "router"},
+            data={"limit_train": {domain: replay_per_domain for domain in earlier}},
+        ),
+    ]
+    return recipe
+
+
+def add_domain_to_run(adapter_dir: str | Path, jsonl: str | Path, name: str, out_dir: str | Path, **options) -> int:
+    """Add a domain to an ``moa`` run (see :func:`add_domain_recipe`) and train it; the grown adapter is
+    written to ``out_dir/adapter`` with its recipe.
 
     Returns:
         The new domain's id.
-
-    Raises:
-        RecipeError: the run is not an ``moa`` generation run, or the name is taken.
     """
-    run = load_run(adapter_dir)
-    config = run.model.mixture_config
-    if config.method != "moa" or run.recipe.model.task_type != "generation":
-        raise RecipeError(f"{adapter_dir}: add-domain needs an 'moa' generation run, not {config.method!r}")
-    if name in run.task_set.names:
-        raise RecipeError(f"domain {name!r} exists already: {run.task_set.names}")
-    recipe = copy.deepcopy(run.recipe)
-    source = SourceSpec(jsonl=str(Path(jsonl).resolve()), task=name)
-    # the run's saved split plus the new domain's, so its validation and test examples are never trained on
-    task_set, splits, sources = extend_data(run, source)
-    recipe.data.tasks.append(source)
-    domain_id = task_set.task_id(name)
-    template = make_template(recipe, run.tokenizer)
-    examples: list[dict] = []
-    replay: dict[int, list[dict]] = {}
-    for example in splits.train:
-        if example.task_id == domain_id:
-            examples.append(template(example))
-        elif len(replay.setdefault(example.task_id, [])) < replay_per_domain:
-            replay[example.task_id].append(template(example))
-    pad = run.tokenizer.pad_token_id or 0
-    length = recipe.model.max_length
-    expert = expert or StageSettings(steps=100, lr=1e-3, max_length=length, pad_token_id=pad)
-    routers = routers or StageSettings(steps=50, lr=1e-3, max_length=length, pad_token_id=pad)
-    domain = add_domain(run.model, examples, replay, expert, routers, name=name)
-    out = Path(out_dir)
-    run.model.save_pretrained(out)
-    save_run_recipe(recipe, out, Run(recipe, run.tokenizer, task_set, splits, run.model, sources))
-    return domain
+    recipe = add_domain_recipe(adapter_dir, jsonl, name, out_dir, **options)
+    run, _ = train_recipe(recipe)
+    return run.task_set.task_id(name)

@@ -1,4 +1,8 @@
-"""Switching an MoA model between label and router routing, and reading router accuracy."""
+"""Switching an MoA model between label and router routing, and reading router accuracy.
+
+The mode lives in one place, the model's ``mixture_config.method_options`` (``route_by``, ``gate``), which
+every :class:`~loramix.methods.moa.DomainRouter` reads at each call; these helpers only write it there.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from loramix.methods.moa import ROUTE_BY, DomainRouter
+from loramix.methods.moa import GATES, ROUTE_BY, DomainRouter, MoAOptions
 from loramix.model import MixtureModel
 
 
@@ -26,17 +30,30 @@ def set_route_by(model: MixtureModel, mode: str) -> None:
 
     Raises:
         ValueError: ``mode`` is not one of ``"router"``, ``"label"``.
+        TypeError: the model is not an MoA mixture.
     """
     if mode not in ROUTE_BY:
         raise ValueError(f"route_by={mode!r} is invalid: expected one of {ROUTE_BY}")
-    for router in domain_routers(model).values():
-        router.route_by = mode
+    domain_routers(model)
     model.mixture_config.method_options["route_by"] = mode
+
+
+def set_gate(model: MixtureModel, gate: str) -> None:
+    """Gate every router's choice ``"top1"`` (argmax expert) or ``"soft"`` (softmax weights); saved with the config.
+
+    Raises:
+        ValueError: ``gate`` is not one of ``"top1"``, ``"soft"``.
+        TypeError: the model is not an MoA mixture.
+    """
+    if gate not in GATES:
+        raise ValueError(f"gate={gate!r} is invalid: expected one of {GATES}")
+    domain_routers(model)
+    model.mixture_config.method_options["gate"] = gate
 
 
 def current_route_by(model: MixtureModel) -> str:
     """The routing mode in the model's config (``"router"`` unless set)."""
-    return model.mixture_config.method_options.get("route_by", "router")
+    return model.mixture_config.method_options.get("route_by", MoAOptions.route_by)
 
 
 @contextmanager

@@ -1,45 +1,54 @@
-"""MoA's two training stages as small AdamW loops over :class:`~loramix.moa.batches.DomainStreams`.
+"""MoA's stages from Python: thin wrappers that run :class:`loramix.train.Trainer` for one stage.
 
-Stage 1 (:func:`train_experts`) trains every domain's expert in one run with hard label routing: one
-base-model pass per batch serves all domains. The loss is the sum over domains of each domain's mean
-token loss, there is no gradient clipping (a global norm would couple the experts) and AdamW is
-element-wise, so an expert's weights depend on its own domain's data only, to the bit.
+The same stages run from a recipe with ``loramix train`` (``recipes/moa_smollm2.yaml``): a stage with
+``options: {route_by: label}`` trains the experts, each on its own domain's rows, and one with
+``options: {route_by: router}`` trains the routers (see :meth:`loramix.methods.moa.MoA.start_stage`).
+These helpers take tokenized examples by domain instead of a recipe's data, feed the trainer batches
+with a fixed number of rows of every domain (:class:`~loramix.moa.batches.DomainStreams`), and write
+the trainer's logs and checkpoint to a temporary directory that is removed afterwards.
 
-Stage 2 (:func:`train_routers`) trains the routers with LM loss + η · CE(router logits, domain), the
-experts frozen (``expert_lr=0``) or updated at a small learning rate.
+The objective is the trainer's: the mean token loss over the batch (plus η · the router loss in stage
+2). Stage 1 has no gradient clipping (a global norm would couple the experts), and AdamW is
+element-wise, so with equal-length rows an expert's weights do not depend on the other domains' data;
+experts of domains a stage does not train are held bit-identical.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from loramix.methods.moa import ROUTER_LOSS
 from loramix.moa.batches import IGNORE_INDEX, DomainStreams, TokenizedExample
-from loramix.moa.routing import domain_routers, route_by, set_route_by
+from loramix.moa.routing import current_route_by, domain_routers, set_route_by
 from loramix.model import MixtureModel
+from loramix.runs.settings import StageSettings as TrainerStage
+from loramix.runs.settings import TrainingSettings
+from loramix.train.trainer import Trainer, TrainerState
 
 StepLogger = Callable[[int, dict[str, float]], None]
+EXPERT_PATTERN = r"\.lora_[AB]$"
+ROUTER_PATTERN = r"\.router\."
 
 
 @dataclass
 class StageSettings:
-    """Settings of one MoA training stage.
+    """Settings of one MoA stage run from Python (translated to a one-stage trainer run).
 
     Args:
         steps: optimiser steps.
         per_domain_batch: rows of each domain in a batch.
         lr: peak learning rate of what the stage trains (experts in stage 1, routers in stage 2).
         expert_lr: stage 2 only: learning rate of the experts; 0 freezes them.
-        weight_decay: AdamW's decoupled weight decay.
+        weight_decay: AdamW's decoupled weight decay (matrices only, as in the trainer).
         warmup_fraction: share of the steps with a linear warm-up; the rate then decays linearly to 0.
         max_length: tokens per row (every row is padded to it).
         pad_token_id: id written in padded positions.
-        seed: seed of the per-domain shuffles.
+        seed: seed of the per-domain shuffles and of the run.
     """
 
     steps: int = 100
@@ -54,7 +63,7 @@ class StageSettings:
 
 
 def domain_lm_loss(logits: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-    """Sum over domains of each domain's mean next-token loss on its target tokens.
+    """Sum over domains of each domain's mean next-token loss on its target tokens (for reports).
 
     Args:
         logits: FloatTensor[batch, seq, vocab].
@@ -77,82 +86,78 @@ def domain_lm_loss(logits: torch.Tensor, labels: torch.Tensor, task_ids: torch.T
     return total
 
 
-def _schedule(settings: StageSettings) -> Callable[[int], float]:
-    warmup = max(1, int(settings.steps * settings.warmup_fraction))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (settings.steps - step) / max(1, settings.steps - warmup))
-
-    return factor
-
-
-def model_device(model: MixtureModel) -> torch.device:
-    """The device of the model's adapters."""
-    return next(iter(model.mixture_layers().values())).lora_A.device
-
-
-def _expert_banks(model: MixtureModel) -> list[nn.Parameter]:
-    return [param for layer in model.mixture_layers().values() for param in (layer.lora_A, layer.lora_B)]
-
-
-def _expert_slices(model: MixtureModel, domains: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(A rows, B columns) of the given experts in every layer, as views."""
-    rank = model.mixture_config.r
-    slices = []
-    for layer in model.mixture_layers().values():
-        for domain in domains:
-            span = slice(domain * rank, (domain + 1) * rank)
-            slices.append((layer.lora_A[span], layer.lora_B[:, span]))
-    return slices
-
-
-def _streams(domains: Mapping[int, Sequence[TokenizedExample]], settings: StageSettings) -> DomainStreams:
-    return DomainStreams(domains, settings.per_domain_batch, settings.max_length, settings.pad_token_id, settings.seed)
-
-
 def _run(
     model: MixtureModel,
-    streams: DomainStreams,
-    groups: list[dict],
+    domains: Mapping[int, Sequence[TokenizedExample]],
     settings: StageSettings,
-    with_router_loss: bool,
-    after_step: Callable[[], None] | None,
+    stage: TrainerStage,
+    trained: list[torch.nn.Parameter],
     log: StepLogger | None,
 ) -> list[float]:
-    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings))
+    """Train ``trained`` for one trainer stage on domain-balanced batches; restore every flag afterwards."""
+    _check(settings)
+    streams = DomainStreams(
+        domains, settings.per_domain_batch, settings.max_length, settings.pad_token_id, settings.seed
+    )
+    training = TrainingSettings(
+        max_steps=settings.steps,
+        batch_size=settings.per_domain_batch * len(domains),
+        learning_rate=settings.lr,
+        weight_decay=settings.weight_decay,
+        schedule="linear",
+        warmup_steps=max(1, int(settings.steps * settings.warmup_fraction)),
+        max_grad_norm=None,
+        mixed_precision="no",
+        seed=settings.seed,
+        log_every=max(1, settings.steps),
+        keep_last=1,
+        progress_bar=False,
+    )
     eta = model.method.aux_loss_weight(model.mixture_config)
-    device = model_device(model)
+
+    def report(state: TrainerState) -> None:
+        record = state.history[-1]
+        metrics = {"lm_loss": record["loss"]}
+        if f"aux_{ROUTER_LOSS}" in record:
+            metrics["lm_loss"] = record["loss"] - eta * record[f"aux_{ROUTER_LOSS}"]
+            metrics["router_loss"] = record[f"aux_{ROUTER_LOSS}"]
+        log(state.stage_step - 1, metrics)
+
+    flags = {name: param.requires_grad for name, param in model.named_parameters()}
     was_training = model.training
-    model.train()
-    losses = []
+    chosen = {id(param) for param in trained}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in chosen)
     try:
-        for step in range(settings.steps):
-            batch = {key: value.to(device) for key, value in streams.next_batch().items()}
-            labels, task_ids = batch.pop("labels"), batch.pop("task_ids")
-            outputs = model(**batch, task_ids=task_ids)
-            lm_loss = domain_lm_loss(outputs.logits, labels, task_ids)
-            loss = lm_loss
-            metrics = {"lm_loss": float(lm_loss.detach())}
-            if with_router_loss:
-                router_loss = model.last_aux_losses[ROUTER_LOSS]
-                loss = loss + eta * router_loss
-                metrics["router_loss"] = float(router_loss.detach())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            model.step_end()
-            if after_step is not None:
-                after_step()
-            losses.append(float(loss.detach()))
-            if log is not None:
-                log(step, metrics)
+        with tempfile.TemporaryDirectory(prefix="loramix-moa-") as directory:
+            trainer = Trainer(
+                model,
+                training,
+                lambda _stage, _rank, _world: streams,
+                directory,
+                stages=[stage],
+                callbacks=[report] if log is not None else [],
+            )
+            state = trainer.train()
     finally:
         model.train(was_training)
-    return losses
+        for name, param in model.named_parameters():
+            param.requires_grad_(flags[name])
+        if model.mixture_config.method == "moa":
+            for router in domain_routers(model).values():
+                router.release_experts()
+    return [record["loss"] for record in state.history]
+
+
+def _check(settings: StageSettings) -> None:
+    if not isinstance(settings.steps, int) or settings.steps < 1:
+        raise ValueError(f"StageSettings.steps={settings.steps!r} is invalid: expected an integer >= 1")
+    if not settings.lr > 0:
+        raise ValueError(f"StageSettings.lr={settings.lr!r} is invalid: expected a number > 0")
+
+
+def _expert_banks(model: MixtureModel) -> list[torch.nn.Parameter]:
+    return [param for layer in model.mixture_layers().values() for param in (layer.lora_A, layer.lora_B)]
 
 
 def train_adapters(
@@ -163,8 +168,7 @@ def train_adapters(
 ) -> list[float]:
     """Train every adapter bank of any mixture (routing as configured) on domain-balanced batches.
 
-    The baseline loop of the MoA benchmark (one LoRA on all domains mixed) and the core of
-    :func:`train_experts`.
+    The baseline of the MoA benchmark (one LoRA on all domains mixed).
 
     Args:
         model: any mixture.
@@ -175,7 +179,8 @@ def train_adapters(
     Returns:
         The loss of every step.
     """
-    return _run(model, _streams(domains, settings), [{"params": _expert_banks(model)}], settings, False, None, log)
+    stage = TrainerStage(name="adapters", trainable=[EXPERT_PATTERN])
+    return _run(model, domains, settings, stage, _expert_banks(model), log)
 
 
 def train_experts(
@@ -186,9 +191,9 @@ def train_experts(
 ) -> list[float]:
     """Stage 1: train the experts of ``domains`` in one run, each row routed hard to its domain's expert.
 
-    Experts of domains not in ``domains`` are restored after every step from a copy taken before
-    training, so they stay byte-identical whatever AdamW does (weight decay, moments). Routers are not
-    touched.
+    The trainer stage has ``options: {route_by: label, train_experts: <domains>}``: experts of domains
+    not in ``domains`` are held byte-identical. Routers are not touched; the routing mode is restored
+    afterwards.
 
     Args:
         model: an ``moa`` mixture.
@@ -198,32 +203,24 @@ def train_experts(
 
     Returns:
         The loss of every step.
+
+    Raises:
+        ValueError: a domain id is out of range.
     """
     num_domains = model.mixture_config.num_tasks
     unknown = [domain for domain in domains if not 0 <= domain < num_domains]
     if unknown:
         raise ValueError(f"domains {unknown} are out of range: this mixture has domains 0..{num_domains - 1}")
-    frozen = [domain for domain in range(num_domains) if domain not in domains]
-    views = _expert_slices(model, frozen)
-    snapshots = [(a.detach().clone(), b.detach().clone()) for a, b in views]
-
-    def restore() -> None:
-        with torch.no_grad():
-            for (a_view, b_view), (a_copy, b_copy) in zip(views, snapshots, strict=True):
-                a_view.copy_(a_copy)
-                b_view.copy_(b_copy)
-
-    streams = _streams(domains, settings)
-    banks = _expert_banks(model)
-    flags = [param.requires_grad for param in banks]
-    for param in banks:
-        param.requires_grad_(True)
+    previous = current_route_by(model)
+    stage = TrainerStage(
+        name="experts",
+        trainable=[EXPERT_PATTERN],
+        options={"route_by": "label", "train_experts": sorted(domains)},
+    )
     try:
-        with route_by(model, "label"):
-            return _run(model, streams, [{"params": banks}], settings, False, restore if frozen else None, log)
+        return _run(model, domains, settings, stage, _expert_banks(model), log)
     finally:
-        for param, flag in zip(banks, flags, strict=True):
-            param.requires_grad_(flag)
+        set_route_by(model, previous)
 
 
 def train_routers(
@@ -234,6 +231,9 @@ def train_routers(
 ) -> list[float]:
     """Stage 2: train the routers on LM loss + η · CE(router logits, domain), experts frozen or slow.
 
+    The trainer stage has ``options: {route_by: router}`` and, with ``expert_lr > 0``, the experts train at
+    ``lr_multipliers`` ``expert_lr / lr``.
+
     Args:
         model: an ``moa`` mixture; it routes by its router afterwards.
         domains: tokenized examples by domain id (for a new domain, a small replay of the earlier ones).
@@ -243,21 +243,16 @@ def train_routers(
     Returns:
         The loss of every step.
     """
-    streams = _streams(domains, settings)
+    _check(settings)
     routers = [param for router in domain_routers(model).values() for param in router.parameters()]
-    banks = _expert_banks(model)
-    flags = [param.requires_grad for param in banks + routers]
-    for param in routers:
-        param.requires_grad_(True)
-    for param in banks:
-        param.requires_grad_(settings.expert_lr > 0)
-    groups = [{"params": routers}]
+    trained = list(routers)
+    stage = TrainerStage(name="routers", trainable=[ROUTER_PATTERN], options={"route_by": "router"})
     if settings.expert_lr > 0:
-        groups.append({"params": banks, "lr": settings.expert_lr})
-    set_route_by(model, "router")
-    try:
-        losses = _run(model, streams, groups, settings, True, None, log)
-    finally:
-        for param, flag in zip(banks + routers, flags, strict=True):
-            param.requires_grad_(flag)
-    return losses
+        trained += _expert_banks(model)
+        stage = TrainerStage(
+            name="routers",
+            trainable=[ROUTER_PATTERN, EXPERT_PATTERN],
+            lr_multipliers={EXPERT_PATTERN: settings.expert_lr / settings.lr},
+            options={"route_by": "router"},
+        )
+    return _run(model, domains, settings, stage, trained, log)

@@ -33,7 +33,7 @@ from loramix.data import (
 from loramix.heads import MultiTaskSequenceClassifier
 from loramix.model import MixtureModel, get_mixture_model, is_mixture_directory, mixture_config_file
 from loramix.runs.batches import SampledBatches
-from loramix.runs.recipe import DataSpec, ModelSpec, Recipe, SourceSpec
+from loramix.runs.recipe import SPLIT_KEYS, DataSpec, ModelSpec, Recipe, SourceSpec
 from loramix.runs.runinfo import (
     RUN_FILE,
     SPLIT_FILE,
@@ -253,11 +253,13 @@ def check_recipe_tasks(recipe: Recipe, task_set: TaskSet) -> None:
             a stage's ``only_tasks`` or ``instructions``.
     """
     names = task_set.names
+    _check_task_keys("data.limit_train", recipe.data.limit_train, names)
     for stage in recipe.stages:
         overrides = stage.data or {}
         section = f"stages[{stage.name}].data"
         recipe.data.overridden(overrides, stage.name)  # validates the overridden section as a whole
         _check_task_keys(f"{section}.instructions", overrides.get("instructions"), names)
+        _check_task_keys(f"{section}.limit_train", overrides.get("limit_train"), names)
         unknown = sorted(set(overrides.get("only_tasks") or ()) - set(names))
         if unknown:
             raise RecipeError(f"{section}.only_tasks: unknown tasks {unknown}; the data's tasks are {names}")
@@ -289,6 +291,12 @@ def check_stages(recipe: Recipe, model: MixtureModel) -> None:
                 f"stages[{stage.name}].options={stage.options!r}: method {model.mixture_config.method!r} "
                 "takes no stage options (it has no start_stage)"
             )
+        check = getattr(model.method, "check_stage_options", None)
+        if check is not None:
+            try:
+                check(model.mixture_config, stage.options)
+            except ValueError as error:
+                raise RecipeError(f"stages[{stage.name}].options: {error}") from None
 
 
 POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length")
@@ -341,6 +349,87 @@ def make_template(recipe: Recipe, tokenizer: Any, data: DataSpec | None = None) 
     return GenerationTemplate(tokenizer, max_length=recipe.model.max_length, instructions=instructions)
 
 
+def _limited(examples: list[Example], limit: int | Mapping[str, int]) -> list[Example]:
+    """The first ``limit`` examples of each task (or of the tasks a mapping names), in the split's order."""
+    kept: list[Example] = []
+    counts: dict[str, int] = {}
+    for example in examples:
+        cap = limit.get(example.task) if isinstance(limit, Mapping) else limit
+        if cap is None or counts.get(example.task, 0) < cap:
+            counts[example.task] = counts.get(example.task, 0) + 1
+            kept.append(example)
+    return kept
+
+
+def _grown_run(recipe: Recipe) -> Run:
+    """The run of a recipe with ``init_adapter``: the trained run, grown by the data's further tasks.
+
+    The earlier tasks and their split come from the adapter's saved run (``load_run``: no earlier data file
+    is read), the further sources are read and split with the same settings (:func:`extend_data`), and
+    the adapter grows by one expert per new task through its method's ``grow_tasks``.
+
+    Raises:
+        RecipeError: the directory holds no trained run; ``data.tasks`` does not start with the run's
+            sources, or the split settings, the model or the ``mixture`` section differ from the run's (each
+            named); the method cannot grow.
+    """
+    where = f"init_adapter={recipe.init_adapter!r}"
+    earlier = load_run(recipe.init_adapter, is_trainable=True)
+    old, new = earlier.recipe.data, recipe.data
+    if new.tasks[: len(old.tasks)] != old.tasks:
+        trained = [f"{source.kind}: {getattr(source, source.kind)} (task {source.task})" for source in old.tasks]
+        raise RecipeError(f"data.tasks must start with the sources {where} was trained on, in order: {trained}")
+    for key in sorted(SPLIT_KEYS):
+        if getattr(new, key) != getattr(old, key):
+            raise RecipeError(
+                f"data.{key}={getattr(new, key)!r} differs from {getattr(old, key)!r} of {where}: "
+                "the earlier tasks must keep their split"
+            )
+    for key in ("name", "task_type", "init_seed"):
+        if getattr(recipe.model, key) != getattr(earlier.recipe.model, key):
+            raise RecipeError(
+                f"model.{key}={getattr(recipe.model, key)!r} differs from {getattr(earlier.recipe.model, key)!r} "
+                f"of {where}"
+            )
+    run = earlier
+    for source in new.tasks[len(old.tasks) :]:
+        task_set, splits, sources = extend_data(run, source)
+        run = Run(run.recipe, run.tokenizer, task_set, splits, run.model, sources)
+    task_set = run.task_set
+    for name in ("validation", "test", "max_train", "instructions"):
+        _check_task_keys(f"data.{name}", getattr(new, name), task_set.names)
+    check_recipe_tasks(recipe, task_set)
+    check_max_length(recipe.model)
+    config = mixture_config(recipe, task_set)
+    model = run.model
+    added = task_set.names[len(earlier.task_set.names) :]
+    saved = model.mixture_config
+    differ = _config_differences(config, saved, grown=len(added))
+    if differ:
+        raise RecipeError(f"mixture: {'; '.join(differ)} (the recipe's vs those of {where})")
+    if added:
+        grow = getattr(model.method, "grow_tasks", None)
+        if grow is None:
+            raise RecipeError(f"{where}: method {saved.method!r} cannot add tasks {added}")
+        grow(model, added, seed=recipe.model.init_seed)
+    check_stages(recipe, model)
+    return Run(recipe, run.tokenizer, task_set, run.splits, model, run.sources)
+
+
+def _config_differences(config: MixtureConfig, saved: MixtureConfig, grown: int = 0) -> list[str]:
+    """Fields of ``config`` that differ from ``saved`` (after ``saved`` gains ``grown`` tasks and experts)."""
+    expected = {"num_tasks": saved.num_tasks + grown, "num_experts": saved.num_experts + grown}
+    ignored = {"method_options", "base_model_name_or_path", "task_names"}
+    differ = []
+    for item in dataclasses.fields(config):
+        if item.name in ignored:
+            continue
+        theirs = expected.get(item.name, getattr(saved, item.name))
+        if getattr(config, item.name) != theirs:
+            differ.append(f"{item.name}: {getattr(config, item.name)!r} vs {theirs!r}")
+    return differ
+
+
 @dataclass
 class Run:
     """Everything built from a recipe.
@@ -379,6 +468,8 @@ class Run:
             if unknown:
                 raise RecipeError(f"stages[{stage.name}].data.only_tasks: unknown tasks {unknown}")
             examples = [example for example in examples if example.task in data.only_tasks]
+        if data.limit_train is not None:
+            examples = _limited(examples, data.limit_train)
         dataset = MultiTaskDataset(examples, make_template(self.recipe, self.tokenizer, data))
         sampler = MultiTaskBatchSampler(
             dataset.task_ids,
@@ -396,6 +487,9 @@ class Run:
 def build_run(recipe: Recipe) -> Run:
     """Load the tokenizer and data and build the mixture model of a recipe.
 
+    With ``init_adapter`` the model is that trained adapter, grown by the data's further tasks (see
+    :func:`_grown_run`).
+
     Everything the recipe says is checked against the data and the model's config before a model is
     loaded; nothing is written.
 
@@ -404,6 +498,8 @@ def build_run(recipe: Recipe) -> Run:
             beyond the model's positions, the mixture config).
         loramix.data.DataError: bad data, by file and line, or a task without a training example.
     """
+    if recipe.init_adapter is not None:
+        return _grown_run(recipe)
     tokenizer = load_tokenizer(recipe.model)
     task_set, splits, sources = read_data(recipe.data)
     check_recipe_tasks(recipe, task_set)
@@ -458,12 +554,12 @@ def _reread_data(directory: Path, recipe: Recipe) -> tuple[TaskSet, Splits, list
     return task_set, splits, sources
 
 
-def load_run(adapter_dir: str | Path) -> Run:
+def load_run(adapter_dir: str | Path, is_trainable: bool = False) -> Run:
     """Rebuild a trained run from its adapter directory (as ``loramix train`` writes it).
 
     The task set and split come from the directory's ``run.json`` and ``split.jsonl``: no data file is
     read. An adapter saved without them re-reads its recipe's data (with a warning, or an error naming
-    the file when its ``run.json`` records other data hashes).
+    the file when its ``run.json`` records other data hashes). The adapter is frozen unless ``is_trainable``.
 
     Raises:
         RecipeError: the directory holds no adapter or no recipe, or its split belongs to other tasks.
@@ -486,5 +582,5 @@ def load_run(adapter_dir: str | Path) -> Run:
             )
     labels = [task_set.num_labels(name) for name in task_set.names]
     base = load_base_model(recipe.model, tokenizer, labels)
-    model = MixtureModel.from_pretrained(base, directory)
+    model = MixtureModel.from_pretrained(base, directory, is_trainable=is_trainable)
     return Run(recipe, tokenizer, task_set, splits, model, sources)

@@ -21,6 +21,7 @@
     stages:                        # optional; StageSettings fields
       - {name: experts, max_steps: 100, trainable: ["lora_"]}
     eval: {split: test, batch_size: 32, max_new_tokens: 16}
+    init_adapter: runs/moa/adapter # optional: start from a trained adapter (MoA: grow it by the new tasks)
 
 ``mixture.num_tasks`` and ``task_names`` are filled in from the data; ``num_experts: tasks`` means one
 expert per task. Every section rejects unknown keys by name.
@@ -179,6 +180,10 @@ class DataSpec:
         temperature: the ``temperature`` sampler's temperature.
         mixed: mixed-task batches (``None``: the sampler's default; ``more`` uses one task per batch).
         instructions: text put before the inputs of a task, by task name.
+        limit_train: train on at most this many examples of each task (the first ones of its training
+            split), or a mapping task -> count limiting the named tasks only; the split stays as it is.
+            Meant for a stage's ``data:`` (e.g. a small replay of earlier domains while MoA's routers
+            learn a new one).
     """
 
     tasks: list[SourceSpec] = field(default_factory=list)
@@ -191,6 +196,7 @@ class DataSpec:
     temperature: float = 2.0
     mixed: bool | None = None
     instructions: dict[str, str] | None = None
+    limit_train: int | dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -201,6 +207,8 @@ class DataSpec:
             _split_size(name, getattr(self, name))
         if self.max_train is not None:
             _split_size("max_train", self.max_train, counts_only=True)
+        if self.limit_train is not None:
+            _split_size("limit_train", self.limit_train, counts_only=True)
         if not isinstance(self.split_seed, int) or isinstance(self.split_seed, bool):
             raise RecipeError(f"data.split_seed={self.split_seed!r} is invalid: expected an integer")
         temperature = self.temperature
@@ -271,7 +279,13 @@ class EvalSpec:
 
 @dataclass
 class Recipe:
-    """A whole run: model, mixture, data, training, stages, evaluation, output."""
+    """A whole run: model, mixture, data, training, stages, evaluation, output.
+
+    ``init_adapter`` (optional) is a trained adapter directory the run starts from instead of a fresh
+    mixture: its tasks must be the first tasks of ``data``, and the data's further tasks are added with the
+    method's ``grow_tasks`` (MoA: one new expert and router output each, earlier ones kept bit for bit).
+    The ``mixture`` section must agree with the adapter's config.
+    """
 
     model: ModelSpec
     mixture: dict[str, Any]
@@ -281,6 +295,7 @@ class Recipe:
     eval: EvalSpec = field(default_factory=EvalSpec)
     output_dir: str = "runs/loramix"
     name: str | None = None
+    init_adapter: str | None = None
 
     @property
     def label(self) -> str:
@@ -321,6 +336,7 @@ class Recipe:
             eval=EvalSpec(**eval_section),
             output_dir=_text("output_dir", data.get("output_dir", "runs/loramix")),
             name=None if data.get("name") is None else _text("name", data["name"]),
+            init_adapter=None if data.get("init_adapter") is None else _text("init_adapter", data["init_adapter"]),
         )
 
     @classmethod

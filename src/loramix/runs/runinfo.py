@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from loramix.data import DataError, Example, Splits, TaskData, TaskSet
+from loramix.methods.base import get_method
 from loramix.runs.settings import RecipeError
 
 RUN_FILE = "run.json"
@@ -58,6 +59,22 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True))
 
 
+def comparable_mixture(mixture: dict[str, Any]) -> dict[str, Any]:
+    """A mixture config without the ``method_options`` its method lets training stages set.
+
+    MoA's stages switch ``route_by`` (and may switch ``gate``) in the model's config, so checkpoints and the
+    final adapter hold the mode of their stage; the stages' options, part of the fingerprint, say it.
+    """
+    try:
+        keys = getattr(get_method(mixture.get("method")), "stage_settable_options", ())
+    except (KeyError, ValueError, TypeError):
+        return mixture
+    options = mixture.get("method_options")
+    if not keys or not isinstance(options, dict):
+        return mixture
+    return {**mixture, "method_options": {key: value for key, value in options.items() if key not in keys}}
+
+
 def run_fingerprint(
     recipe: Any, mixture: dict[str, Any], task_set: TaskSet, sources: Sequence[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -65,7 +82,8 @@ def run_fingerprint(
 
     Args:
         recipe: the :class:`~loramix.runs.recipe.Recipe`.
-        mixture: the completed mixture config (``MixtureConfig.to_dict()``).
+        mixture: the completed mixture config (``MixtureConfig.to_dict()``); options a stage sets are left
+            out (:func:`comparable_mixture`).
         task_set: the tasks, in id order, with their labels.
         sources: one record per data source (its kind, settings and content hash; a ``file`` key, the
             data file's path, is left out).
@@ -83,7 +101,7 @@ def run_fingerprint(
     stages = [dataclasses.asdict(stage.resolved(recipe.training)) for stage in recipe.stages]
     fingerprint = {
         "model": dataclasses.asdict(recipe.model),
-        "mixture": mixture,
+        "mixture": comparable_mixture(mixture),
         "tasks": task_set.to_dict()["tasks"],
         "data": data,
         "training": training,

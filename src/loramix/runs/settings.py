@@ -177,8 +177,10 @@ class StageSettings:
         lr_multipliers: pattern -> factor of the learning rate for matching parameters (first match
             wins), e.g. ``{"lora_": 0.1}`` to move experts slowly while routers learn.
         data: overrides of the recipe's ``data:`` section for this stage (tasks, sampler ...).
-        options: handed to the method's ``start_stage(model, options)`` when the method defines it (e.g.
-            MoA's hard routing by domain in stage 1).
+        options: handed to the method's ``start_stage(model, options)`` when the stage starts (after a
+            resume's checkpoint is restored), checked before training by its ``check_stage_options`` when
+            it has one; e.g. MoA's ``{route_by: label}`` (stage 1), ``{route_by: router}`` (stage 2),
+            ``train_experts: [domains]`` (hold every other expert bit-identical).
     """
 
     name: str = "train"

@@ -16,7 +16,7 @@ from typing import Any
 
 from loramix.config import read_json_file
 from loramix.model import SAVE_ONLY_KEYS, is_mixture_directory, mixture_config_file
-from loramix.runs.runinfo import RUN_FILE, _differences, describe_changes, read_run_file
+from loramix.runs.runinfo import RUN_FILE, _differences, comparable_mixture, describe_changes, read_run_file
 from loramix.runs.settings import RecipeError
 from loramix.train.checkpoint import PREFIX, STATE_NAME, list_checkpoints
 
@@ -116,6 +116,7 @@ def check_resume(
     except (OSError, ValueError) as error:
         raise RecipeError(f"cannot resume: the mixture config of {checkpoint} is unreadable ({error})") from None
     saved_mixture = {key: value for key, value in saved_mixture.items() if key not in SAVE_ONLY_KEYS}
+    saved_mixture = comparable_mixture(saved_mixture)
     # the checkpoint's own config, so that a checkpoint of another run placed here is never adopted
     checkpoint_changes = [f"mixture.{line}" for line in _differences(saved_mixture, fingerprint["mixture"], "")]
     candidates = [checkpoint.parent / RUN_FILE, Path(directory) / RUN_FILE]

@@ -485,7 +485,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ stages
     def _start_stage(self, stage: StageSettings) -> None:
-        select_trainable(self.model, self.candidates, stage)
+        """Hand the stage's ``options`` to the method's ``start_stage(model, options)``.
+
+        Called after the stage's parameters are selected and, on a resume, after the checkpoint is restored,
+        so what the hook reads from the model (MoA's held experts) is the restored state.
+        """
         hook = getattr(self.model.method, "start_stage", None)
         if hook is not None:
             hook(self.model, stage.options)
@@ -505,7 +509,7 @@ class Trainer:
     ) -> None:
         stage = self.stages[index]
         accelerator = self.accelerator
-        self._start_stage(stage)
+        select_trainable(self.model, self.candidates, stage)
         inner = _torch_optimizer(optimizer)
         start_stage_lrs(inner, stage, index)
         scheduler = make_scheduler(
@@ -522,6 +526,7 @@ class Trainer:
             self.state.stage_step = int(trainer_state["stage_step"])
             self.state.metrics = trainer_state.get("metrics", {})
             self._nonfinite = int(trainer_state.get("nonfinite_streak", 0))
+        self._start_stage(stage)
         self.state.global_step = offset + self.state.stage_step
         stream = _endless(source)
         progress = tqdm(
