@@ -591,3 +591,71 @@ def fetch_bigbench(source: str | None = None) -> Path:
         return import_bigbench(target)
     finally:
         target.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class AssetStatus:
+    """One line of :func:`asset_status`: an asset, whether it is ready, and where it is or what is wrong."""
+
+    name: str
+    ready: bool
+    detail: str
+    required: bool = True
+
+
+def _status(name: str, find: Callable[[], object], required: bool = True) -> AssetStatus:
+    try:
+        return AssetStatus(name, True, str(find()), required)
+    except (AssetError, OSError) as error:
+        return AssetStatus(name, False, " ".join(str(error).split()), required)
+
+
+def _smollm2_cached() -> Path:
+    final = cache_dir() / SMOLLM2_DIR_NAME
+    if not _is_complete(final):
+        raise AssetError(f"{final} not converted yet")
+    return final
+
+
+def _bigbench_summary() -> str:
+    root = bigbench_tasks_dir()
+    tasks = len(list(root.glob("*/task.json")))
+    subtasks = len(list(root.glob("*/*/task.json")))
+    return f"{root} ({tasks} tasks, {subtasks} subtasks)"
+
+
+def asset_status() -> list[AssetStatus]:
+    """What is there and what is missing, without installing, converting or downloading anything.
+
+    Returns:
+        One entry per package of :data:`ASSET_PACKAGES` (its version), then the MiniLM directory, the
+        converted SmolLM2 checkpoint, the fortunes file (sha256 checked) and BIG-bench (optional).
+    """
+    rows = [_status(package.name, lambda package=package: require_package(package.name)) for package in ASSET_PACKAGES]
+    rows.append(_status("minilm", minilm_path))
+    rows.append(_status("smollm2", _smollm2_cached))
+    rows.append(_status("fortunes", fortunes_path))
+    rows.append(_status("bigbench", _bigbench_summary, required=False))
+    return rows
+
+
+def prepare_assets(bigbench: bool | str = False) -> list[AssetStatus]:
+    """The set-up step behind :data:`SETUP_COMMAND`: install, convert and download what is missing.
+
+    Installs the missing :data:`ASSET_PACKAGES` (:func:`install_packages`), converts SmolLM2 once
+    (:func:`smollm2_path`), checks MiniLM and the fortunes file, and with ``bigbench`` fetches BIG-bench
+    (:func:`fetch_bigbench`; a string is its ``source``). Progress goes to stderr.
+
+    Returns:
+        :func:`asset_status` afterwards.
+
+    Raises:
+        AssetError: A step fails; the steps before it are kept.
+    """
+    install_packages()
+    minilm_path()
+    smollm2_path()
+    fortunes_path()
+    if bigbench:
+        fetch_bigbench(bigbench if isinstance(bigbench, str) else None)
+    return asset_status()
