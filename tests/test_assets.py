@@ -320,7 +320,7 @@ def test_assets_command_reports_and_prepares(tmp_path, monkeypatch, capsys):
     assert calls[:5] == ["install", "minilm", "smollm2", "fortunes", ("bigbench", "/data/BIG-bench.zip")]
     calls.clear()
     assert main(["assets", "--bigbench"]) == 1
-    assert calls[-1] == ("bigbench", None)
+    assert calls[4] == ("bigbench", None)
 
 
 def test_task_json_destination():
