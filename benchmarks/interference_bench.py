@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import yaml
 
+from loramix import assets
 from loramix.demo import routing_overview, write_interference_tasks
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -100,6 +101,7 @@ def run_one(name: str, mixture: dict[str, Any], seed: int, scale: dict[str, Any]
     routing = outcome["routing"][name]
     return {
         "row": name,
+        "inputs": input_source(),
         "mixture": mixture,
         "seed": seed,
         "scale": scale,
@@ -112,11 +114,23 @@ def run_one(name: str, mixture: dict[str, Any], seed: int, scale: dict[str, Any]
     }
 
 
+def input_source() -> str:
+    """Where the suite's inputs come from: ``"bigbench"`` (the demo's BIG-bench task) when its files are
+    present, else the demo's fallback (``fortunes``: sayings of a packaged fortune file)."""
+    try:
+        assets.bigbench_tasks_dir()
+    except assets.AssetError:
+        return yaml.safe_load(DEMO.read_text())["interference"].get("fallback") or "bigbench"
+    return "bigbench"
+
+
 def run(scale_name: str, out: Path, only: list[str] | None, seeds: tuple[int, ...]) -> None:
     """Run every (row, seed) whose file is missing, seed-major (every row's seed 0 first)."""
     scale = SCALES[scale_name]
     spec = yaml.safe_load(DEMO.read_text())["interference"]
     spec = {**spec, "rules": scale["rules"], "max_examples": scale["examples"]}
+    if input_source() != "bigbench":
+        print(f"BIG-bench files not found: the inputs are the {spec.get('fallback')!r} fallback's", flush=True)
     data_tasks = write_interference_tasks(spec, out / "data")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     for seed in seeds:
@@ -222,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="results folder (default results/interference_<scale>)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = args.out or RESULTS / f"interference_{args.scale}"
+    source = input_source()
+    suffix = "" if source == "bigbench" else f"_{source}"
+    out = args.out or RESULTS / f"interference_{args.scale}{suffix}"
     if args.command == "run":
         run(args.scale, out, args.rows, tuple(args.seeds) if args.seeds else SEEDS)
     print(assemble(out))
