@@ -25,6 +25,14 @@ def domain_routers(model: MixtureModel) -> dict[str, DomainRouter]:
     return {name: layer.router for name, layer in model.mixture_layers().items()}
 
 
+def _set_option(model: MixtureModel, key: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Write one routing option into the model's config, the one place routers read it from."""
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is invalid: expected one of {allowed}")
+    domain_routers(model)
+    model.mixture_config.method_options[key] = value
+
+
 def set_route_by(model: MixtureModel, mode: str) -> None:
     """Route every layer by ``"label"`` (the given domain) or ``"router"``; saved with the model's config.
 
@@ -32,10 +40,7 @@ def set_route_by(model: MixtureModel, mode: str) -> None:
         ValueError: ``mode`` is not one of ``"router"``, ``"label"``.
         TypeError: the model is not an MoA mixture.
     """
-    if mode not in ROUTE_BY:
-        raise ValueError(f"route_by={mode!r} is invalid: expected one of {ROUTE_BY}")
-    domain_routers(model)
-    model.mixture_config.method_options["route_by"] = mode
+    _set_option(model, "route_by", mode, ROUTE_BY)
 
 
 def set_gate(model: MixtureModel, gate: str) -> None:
@@ -45,10 +50,7 @@ def set_gate(model: MixtureModel, gate: str) -> None:
         ValueError: ``gate`` is not one of ``"top1"``, ``"soft"``.
         TypeError: the model is not an MoA mixture.
     """
-    if gate not in GATES:
-        raise ValueError(f"gate={gate!r} is invalid: expected one of {GATES}")
-    domain_routers(model)
-    model.mixture_config.method_options["gate"] = gate
+    _set_option(model, "gate", gate, GATES)
 
 
 def current_route_by(model: MixtureModel) -> str:
