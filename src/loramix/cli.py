@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from loramix import assets
 from loramix.config import ConfigError
 from loramix.data import DataError
 from loramix.demo import run_demo
@@ -118,8 +119,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _assets(args: argparse.Namespace) -> int:
-    from loramix import assets
-
     rows = assets.asset_status() if args.check else assets.prepare_assets(bigbench=args.bigbench or False)
     for row in rows:
         state = "ok" if row.ready else ("missing" if row.required else "absent (optional)")

@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from loramix import assets
 from loramix.data.bigbench import load_bigbench_task
 from loramix.data.sources import TaskSet
 from loramix.eval import evaluate_adapters, markdown_table, routing_choices
@@ -65,9 +66,7 @@ INTERFERENCE_RULES: dict[str, Callable[[str], str]] = {
 
 
 def _fortunes() -> list[str]:
-    from loramix.assets import fortune_sayings
-
-    return fortune_sayings()
+    return assets.fortune_sayings()
 
 
 #: Input texts used when the BIG-bench task is not available: name -> (description, loader of the texts).
@@ -107,11 +106,9 @@ def _check_interference(spec: Any) -> None:
 
 def _input_texts(bigbench: str, max_examples: int | None, fallback: str | None) -> list[str]:
     """The BIG-bench task's input texts, or the fallback's when the BIG-bench files are not available."""
-    from loramix.assets import AssetError
-
     try:
         task = load_bigbench_task(bigbench, mode="generation", max_examples=max_examples)
-    except AssetError as error:
+    except assets.AssetError as error:
         if fallback is None:
             raise
         description, load = INTERFERENCE_FALLBACKS[fallback]
