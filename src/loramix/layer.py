@@ -32,6 +32,13 @@ def layer_dims(base: nn.Module) -> tuple[int, int]:
     raise TypeError(f"cannot adapt {type(base).__name__}: only nn.Linear and transformers' Conv1D are supported")
 
 
+def _init_down(bank: torch.Tensor, init: str, rank: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Initialise A rows in place: normal with std 1/r for ``"gaussian"``, else Kaiming-uniform; returns ``bank``."""
+    if init == "gaussian":
+        return nn.init.normal_(bank, std=1.0 / rank, generator=generator)
+    return nn.init.kaiming_uniform_(bank, a=math.sqrt(5), generator=generator)
+
+
 class MixtureLinear(nn.Module):
     """A frozen ``nn.Linear`` / ``Conv1D`` with a mixture of low-rank experts on top.
 
@@ -81,10 +88,7 @@ class MixtureLinear(nn.Module):
         """A Kaiming-uniform (or normal, std 1/r) and B zero, so the delta starts at zero; then the mixer's
         own initialisation of the banks, if its method has one."""
         with torch.no_grad():
-            if init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / rank)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            _init_down(self.lora_A, init, rank)
             self.lora_B.zero_()
             self.router.init_banks(self.lora_A, self.lora_B)
 
@@ -113,11 +117,7 @@ class MixtureLinear(nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"grow_experts: {name}={value!r} is invalid: expected an integer >= 1")
         old_a, old_b = self.lora_A, self.lora_B
-        new_a = torch.empty(count * rank, self.in_features)
-        if init == "gaussian":
-            nn.init.normal_(new_a, std=1.0 / rank, generator=generator)
-        else:
-            nn.init.kaiming_uniform_(new_a, a=math.sqrt(5), generator=generator)
+        new_a = _init_down(torch.empty(count * rank, self.in_features), init, rank, generator)
         new_b = torch.zeros(self.out_features, count * rank, dtype=old_b.dtype, device=old_b.device)
         self.lora_A = nn.Parameter(torch.cat([old_a, new_a.to(old_a)]), requires_grad=old_a.requires_grad)
         self.lora_B = nn.Parameter(torch.cat([old_b, new_b], dim=1), requires_grad=old_b.requires_grad)
