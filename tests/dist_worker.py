@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from torch import distributed
+
 from generation_fixtures import causal_lm, generation_examples, generation_factory
 from loramix.train import Trainer, TrainingSettings
 from loramix.train.checkpoint import gather_adapter_state, model_is_sharded
@@ -77,6 +79,10 @@ def main() -> None:
         }
     if trainer.accelerator.is_main_process:
         result_file.write_text(json.dumps(results))
+    # Leave the process group before the interpreter exits: gloo's threads torn down at exit abort a rank now
+    # and then ("terminate called without an active exception"), and the run then fails after it succeeded.
+    trainer.accelerator.wait_for_everyone()
+    distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ WORKER = textwrap.dedent(
         losses = [record["loss"] for record in state.history]
         with open(sys.argv[2], "w") as handle:
             json.dump({{"losses": losses, "weights": weights, "world": trainer.accelerator.num_processes}}, handle)
+    trainer.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
     """
 )
 

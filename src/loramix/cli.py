@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from torch import distributed
+
 from loramix import assets
 from loramix.config import ConfigError
 from loramix.data import DataError
@@ -321,6 +323,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"loramix {args.command}: error: {error_line(error)}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group a distributed run (``torchrun``/``accelerate launch``) opened, so that the
+    interpreter's exit does not tear down gloo's or NCCL's threads under it (that aborts a rank now and then)."""
+    if distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
