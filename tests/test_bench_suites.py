@@ -14,6 +14,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import their sibling modules
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up there
@@ -130,7 +131,7 @@ def test_alone_pilot_trains_each_task_by_itself_and_keeps_an_eight_point_lead(mt
             "train_time_s": 0.0,
         }
 
-    monkeypatch.setattr(mtl, "load_tasks", lambda names, scale, tokenizer: tasks)
+    monkeypatch.setattr(mtl, "load_tasks", lambda names, scale, tokenizer, source="bigbench": tasks)
     monkeypatch.setattr(mtl, "train_run", fake_run)
     mtl.pilot(mtl.SCALES["cpu"], tmp_path, None, None, alone=True)
     assert {tuple(names) for _, _, names, _, _ in calls} == {("a",), ("b",), ("c",)}  # one task per run
@@ -142,3 +143,63 @@ def test_alone_pilot_trains_each_task_by_itself_and_keeps_an_eight_point_lead(mt
     calls.clear()
     mtl.pilot(mtl.SCALES["cpu"], tmp_path, None, None, alone=True)
     assert calls == []  # a rerun reads the finished runs
+
+    # Processes share a pilot by candidates (``only``); they write no table, a last call without it does.
+    (tmp_path / "suite.json").unlink()
+    shared = tmp_path / "shared"
+    mtl.pilot(mtl.SCALES["cpu"], shared, None, None, alone=True, only=["a", "c"])
+    assert {tuple(names) for _, _, names, _, _ in calls} == {("a",), ("c",)} and len(calls) == 6
+    assert not (shared / "suite.json").exists()
+    mtl.pilot(mtl.SCALES["cpu"], shared, None, None, alone=True, only=["b"])
+    calls.clear()
+    mtl.pilot(mtl.SCALES["cpu"], shared, None, None, alone=True, source="wordnet")
+    assert calls == []
+    assert json.loads((shared / "suite.json").read_text())["source"] == "wordnet"
+    assert json.loads((shared / "suite.json").read_text())["tasks"] == ["a", "b"]
+
+
+WNDB_HEAD = "  1 This software and database is being provided to you, the LICENSEE, by  \n"
+LEXNAMES = "03\tnoun.Tops\t1\n05\tnoun.animal\t1\n29\tverb.body\t2\n00\tadj.all\t3\n"
+DATA_NOUN = (
+    "00000010 05 n 02 big_cat 0 Panthera_leo 0 002 @ 00000020 n 0000 ! 00000030 n 0102 | a large cat; "
+    '"the lion roared at the big cat"; "ok"  \n'
+    "00000020 03 n 01 cat 0 000 | a small animal  \n"
+    "00000030 05 n 01 dog 0 000 | a loyal animal  \n"
+)
+DATA_VERB = '00000040 29 v 01 purr 0 000 02 + 02 00 + 08 00 | make a low sound; "the cat purrs"  \n'
+DATA_ADJ = "00000050 00 s 01 large(a) 0 000 | above average in size  \n"
+
+
+def test_wordnet_reader_parses_the_database_format(monkeypatch, tmp_path):
+    wordnet = _load("wordnet_tasks", monkeypatch)
+    (tmp_path / "lexnames").write_text(LEXNAMES)
+    for name, text in {"noun": DATA_NOUN, "verb": DATA_VERB, "adj": DATA_ADJ, "adv": ""}.items():
+        (tmp_path / f"data.{name}").write_text(WNDB_HEAD + text)
+    synsets = {synset.key: synset for synset in wordnet.read_synsets(tmp_path)}
+    assert sorted(synsets) == [("a", 50), ("n", 10), ("n", 20), ("n", 30), ("v", 40)]
+    lion = synsets[("n", 10)]
+    assert lion.lexname == "noun.animal" and lion.lemmas == ("big cat", "Panthera leo")
+    assert lion.definition == "a large cat" and lion.examples == ("the lion roared at the big cat",)  # "ok" too short
+    assert lion.pointers == (("@", ("n", 20), 0, 0), ("!", ("n", 30), 1, 2))
+    purr = synsets[("v", 40)]
+    assert purr.lexname == "verb.body" and purr.frames == frozenset({2, 8}) and purr.examples == ("the cat purrs",)
+    assert synsets[("a", 50)].lemmas == ("large",)  # the adjective marker (a) is dropped
+    assert wordnet._mentions("the big cat sat", "big cat") and not wordnet._mentions("bigger cats", "big cat")
+
+
+@pytest.mark.skipif(
+    not (Path.home() / ".cache" / "loramix" / "wordnet-3.3" / ".loramix-complete").is_file(),
+    reason="WordNet is not in the loramix cache (loramix assets --wordnet)",
+)
+def test_wordnet_tasks_are_balanced_large_enough_and_fixed(monkeypatch):
+    from loramix.assets import wordnet_dir
+
+    wordnet = _load("wordnet_tasks", monkeypatch)
+    tasks = wordnet.build_tasks(wordnet_dir())
+    assert list(tasks) == list(wordnet.CANDIDATES)
+    for name, (labels, examples) in tasks.items():
+        counts = [sum(label == index for _, label in examples) for index in range(len(labels))]
+        assert len(set(counts)) == 1, name  # balanced
+        assert len(examples) >= 1000 + 150 + 300, name  # the cpu scale's train + validation + test
+        assert len({text for text, _ in examples}) == len(examples), name  # no text twice
+    assert wordnet.build_tasks(wordnet_dir())["pos_in_context"][1][:20] == tasks["pos_in_context"][1][:20]

