@@ -30,11 +30,19 @@ domains, and ``--seeds-table`` aggregates mean ± sd over seeds::
 
 ``--scale cpu``: 200 train / 100 test examples per domain, the original steps; ``--scale gpu``: every
 block adapted, 1,000 / 200 examples per domain, ten times the steps, on cuda.
+
+``--source wordnet`` (BIG-bench's files being no longer served by the package index): the candidates are
+eight question-answer domains built from WordNet (``wordnet_tasks.GENERATION_CANDIDATES``: base forms,
+plurals, antonyms, hypernyms, supersenses, parts of speech, synonyms, reverse dictionary; ``loramix assets
+--wordnet``), results under ``results/moa_<scale>_wordnet``::
+
+    python benchmarks/moa_bench.py --source wordnet --scale cpu --pilot
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import statistics
@@ -48,8 +56,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+import wordnet_tasks
 from loramix import MixtureConfig, MixtureModel, get_mixture_model
-from loramix.assets import bigbench_tasks_dir, cache_dir, smollm2_path
+from loramix.assets import bigbench_tasks_dir, cache_dir, smollm2_path, wordnet_dir
 from loramix.moa import (
     StageSettings,
     add_domain,
@@ -86,7 +95,14 @@ CANDIDATES: dict[str, tuple[str, list[str] | None]] = {
     "color": ("color", None),
     "linguistic_mappings": ("linguistic_mappings", None),
 }
+#: WordNet's question-answer domains (``--source wordnet``): (``"wordnet"``, [domain]).
+CANDIDATES.update({name: ("wordnet", [name]) for name in wordnet_tasks.GENERATION_CANDIDATES})
 PILOT_MARGIN = 0.10
+
+
+def source_candidates(source: str) -> list[str]:
+    """The candidate domains of a data source (``bigbench`` or ``wordnet``)."""
+    return [name for name, (task, _) in CANDIDATES.items() if (task == "wordnet") == (source == "wordnet")]
 
 
 def set_domains(names: Sequence[str], new: str | None) -> None:
@@ -181,7 +197,10 @@ def quick_bench() -> Bench:
 
 # ---------------------------------------------------------------------------------------------- data
 def load_items(task: str, subtasks: Sequence[str] | None) -> list[Item]:
-    """(input, reference answers) of a BIG-bench task; multiple-choice items keep their best choice."""
+    """(input, reference answers) of a BIG-bench task; multiple-choice items keep their best choice.
+    ``task == "wordnet"``: the WordNet domain ``subtasks[0]``."""
+    if task == "wordnet":
+        return [(question, list(answers)) for question, answers in _wordnet_domains()[subtasks[0]]]
     root = bigbench_tasks_dir() / task
     if subtasks is None:  # a task split into subtasks keeps its examples in them
         subtasks = sorted(path.parent.name for path in root.glob("*/task.json")) or None
@@ -197,6 +216,11 @@ def load_items(task: str, subtasks: Sequence[str] | None) -> list[Item]:
             if answers and all(answer.strip() for answer in answers):
                 items.append((example["input"].strip(), [answer.strip() for answer in answers]))
     return items
+
+
+@functools.cache
+def _wordnet_domains() -> dict[str, list[tuple[str, list[str]]]]:
+    return wordnet_tasks.generation_domains(wordnet_dir())
 
 
 def prompt_of(text: str) -> str:
@@ -540,12 +564,12 @@ def table(out: Path, command: str) -> str:
     return text
 
 
-def pilot(bench: Bench, out: Path, adapters: Path) -> str:
+def pilot(bench: Bench, out: Path, adapters: Path, source: str = "bigbench") -> str:
     """Base model and per-domain experts (oracle) on every candidate domain; keep those lifted by >= 10 points.
 
     Writes ``out/pilot.md`` and ``out/pilot.json`` (with the kept domains) and returns the Markdown.
     """
-    set_domains(list(CANDIDATES), None)
+    set_domains(source_candidates(source), None)
     global NEW_DOMAIN
     NEW_DOMAIN = DOMAINS[-1]  # the runner reads one more domain; unused by base/oracle on the candidates
     run_all(bench, out, adapters, ["base", "oracle"])
@@ -612,6 +636,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--domains", nargs="*", help=f"old domains, from {sorted(CANDIDATES)}")
     parser.add_argument("--new-domain", help="the domain added to the trained MoA")
     parser.add_argument("--pilot", action="store_true", help="base and oracle on every candidate domain")
+    parser.add_argument("--source", choices=["bigbench", "wordnet"], default="bigbench", help="the pilot's candidates")
     parser.add_argument("--seeds-table", type=Path, help="only aggregate the seed*/ folders of this directory")
     parser.add_argument("--out", type=Path, help="folder of the per-run JSONs")
     parser.add_argument("--runs", nargs="*", default=RUN_ORDER, choices=RUN_ORDER)
@@ -621,7 +646,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.seeds_table:
         print(seeds_table(args.seeds_table))
         return
-    if args.domains or args.new_domain:
+    if args.source == "wordnet" and not args.domains and not args.pilot:  # four old domains and one added
+        names = source_candidates("wordnet")
+        set_domains(names[:4], args.new_domain or names[4])
+    elif args.domains or args.new_domain:
         set_domains(args.domains or [name for name, _, _ in DOMAINS], args.new_domain)
     command = "python benchmarks/moa_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.quick:
@@ -630,15 +658,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         bench = scale_bench(args.scale, args.seed)
     else:
         bench = Bench(seed=args.seed)
-    tag = f"moa_{args.scale}" if args.scale else "moa"
-    out = args.out or (RESULTS / tag / f"seed{args.seed}" if args.scale else RESULTS / "moa")
+    tag = (f"moa_{args.scale}" if args.scale else "moa") + ("_wordnet" if args.source == "wordnet" else "")
+    out = args.out or (RESULTS / tag / f"seed{args.seed}" if args.scale else RESULTS / tag)
     adapters = cache_dir() / f"{tag}_bench" / f"seed{args.seed}"
     if args.quick:
         adapters = out / "adapters"
-    elif not args.scale and args.seed == 0:
+    elif not args.scale and args.seed == 0 and args.source == "bigbench":
         adapters = cache_dir() / "moa_bench"  # where the committed table's adapters were cached
     if args.pilot:
-        print(pilot(bench, out / "pilot" if not args.out else out, adapters / "pilot"))
+        print(pilot(bench, out / "pilot" if not args.out else out, adapters / "pilot", args.source))
         return
     if not args.table:
         run_all(bench, out, adapters, args.runs)

@@ -238,3 +238,109 @@ def build_tasks(root: Path) -> dict[str, tuple[list[str], list[tuple[str, int]]]
             adjectives[synset.lexname.split(".")[1]].append(synset.definition)
     task("adjective_kind", ["all", "pert"], adjectives)
     return tasks
+
+
+# ------------------------------------------------------------------------------------ generation domains
+#: Generation domains for the MoA suite (``moa_bench.py --source wordnet``): short answers, exact match.
+GENERATION_CANDIDATES = (
+    "lemma",
+    "plural",
+    "antonym",
+    "hypernym",
+    "supersense",
+    "part_of_speech",
+    "synonym",
+    "reverse_dictionary",
+)
+
+
+def _exceptions(root: Path, pos: str) -> list[tuple[str, str]]:
+    """(inflected form, base form) pairs of ``<pos>.exc`` (irregular inflections)."""
+    pairs = []
+    for line in (root / f"{pos}.exc").read_text(encoding="utf-8").splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and "_" not in line:
+            pairs.append((fields[0], fields[1]))
+    return pairs
+
+
+def generation_domains(root: Path) -> dict[str, list[tuple[str, list[str]]]]:
+    """Every generation candidate: ``name -> [(question, reference answers), ...]``, shuffled with a fixed seed.
+
+    - ``lemma``: the base form of an irregular noun, verb or adjective form (``geese`` -> ``goose``).
+    - ``plural``: the irregular plural of a noun (``goose`` -> ``geese``).
+    - ``antonym``: a word's antonyms in WordNet (any one is right).
+    - ``hypernym``: what a noun with one sense is a kind of (any lemma of its hypernyms).
+    - ``supersense``: the supersense of a noun with one sense (one of WordNet's 25 noun categories).
+    - ``part_of_speech``: the part of speech of a word in an example sentence (for words with two or more).
+    - ``synonym``: another lemma of the synset of a word with one sense (any one is right).
+    - ``reverse_dictionary``: the word a definition defines (any lemma of the synset).
+    """
+    synsets = read_synsets(root)
+    by_key = {synset.key: synset for synset in synsets}
+    senses: dict[tuple[str, str], list[Synset]] = defaultdict(list)
+    for synset in synsets:
+        for lemma in synset.lemmas:
+            senses[(lemma.lower(), synset.key[0])].append(synset)
+    single = [
+        synset
+        for synset in synsets
+        if all(len(senses[(lemma.lower(), synset.key[0])]) == 1 for lemma in synset.lemmas[:1])
+        and " " not in synset.lemmas[0]
+    ]
+    domains: dict[str, list[tuple[str, list[str]]]] = defaultdict(list)
+
+    lemmas_of: dict[str, set[str]] = defaultdict(set)
+    for pos in ("noun", "verb", "adj"):
+        for form, base in _exceptions(root, pos):
+            lemmas_of[form].add(base)
+    for form, bases in sorted(lemmas_of.items()):
+        domains["lemma"].append((f"What is the base form of the word '{form}'?", sorted(bases)))
+    plurals: dict[str, set[str]] = defaultdict(set)
+    for form, base in _exceptions(root, "noun"):
+        if form != base:
+            plurals[base].add(form)
+    for base, forms in sorted(plurals.items()):
+        domains["plural"].append((f"What is the plural of '{base}'?", sorted(forms)))
+
+    antonyms: dict[str, set[str]] = defaultdict(set)
+    for synset in synsets:
+        for symbol, target, source_index, target_index in synset.pointers:
+            if symbol == "!" and source_index and target_index and target in by_key:
+                word, other = synset.lemmas[source_index - 1], by_key[target].lemmas[target_index - 1]
+                if " " not in word and " " not in other:
+                    antonyms[word].add(other)
+    for word, others in sorted(antonyms.items()):
+        domains["antonym"].append((f"What is the opposite of '{word}'?", sorted(others)))
+
+    for synset in single:
+        word = synset.lemmas[0]
+        if synset.key[0] == "n":
+            hypernyms = [
+                by_key[target] for symbol, target, _, _ in synset.pointers if symbol == "@" and target in by_key
+            ]
+            answers = sorted({lemma for hypernym in hypernyms for lemma in hypernym.lemmas})
+            if answers:
+                domains["hypernym"].append((f"A '{word}' is a kind of what?", answers))
+            if synset.lexname != "noun.Tops":
+                domains["supersense"].append((f"Which category is the noun '{word}' in?", [synset.lexname[5:]]))
+        others = sorted({lemma for lemma in synset.lemmas[1:] if lemma.lower() != word.lower()})
+        if others:
+            domains["synonym"].append((f"What is another word for '{word}'?", others))
+        domains["reverse_dictionary"].append((f"Which word means '{synset.definition}'?", sorted(set(synset.lemmas))))
+
+    parts_of_speech: dict[str, set[str]] = defaultdict(set)
+    for synset in synsets:
+        for lemma in synset.lemmas:
+            parts_of_speech[lemma.lower()].add(_POS_NAMES[synset.key[0]])
+    seen = set()
+    for synset in synsets:
+        for example in synset.examples:
+            word = next((lemma for lemma in synset.lemmas if _mentions(example, lemma)), None)
+            if word is not None and len(parts_of_speech[word.lower()]) >= 2 and (word, example) not in seen:
+                seen.add((word, example))
+                question = f"In the sentence '{example}', what part of speech is '{word}'?"
+                domains["part_of_speech"].append((question, [_POS_NAMES[synset.key[0]]]))
+    for name in GENERATION_CANDIDATES:
+        random.Random(f"{SEED}:generation:{name}").shuffle(domains[name])
+    return {name: domains[name] for name in GENERATION_CANDIDATES}

@@ -332,14 +332,17 @@ def test_config_validation() -> None:
 def test_quick_benchmark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from loramix.assets import cache_dir
 
-    if not (cache_dir() / "smollm2-135m-instruct").is_dir() or not (cache_dir() / "bigbench-1.0.0").is_dir():
-        pytest.skip("SmolLM2 tokenizer or BIG-bench files not in the loramix cache")
+    sources = [name for name in ("bigbench-1.0.0", "wordnet-3.3") if (cache_dir() / name).is_dir()]
+    if not (cache_dir() / "smollm2-135m-instruct").is_dir() or not sources:
+        pytest.skip("SmolLM2 tokenizer, or BIG-bench's or WordNet's files, not in the loramix cache")
     script = Path(__file__).parents[1] / "benchmarks" / "moa_bench.py"
+    monkeypatch.syspath_prepend(str(script.parent))  # it imports wordnet_tasks beside it
     spec = importlib.util.spec_from_file_location("moa_bench", script)
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "moa_bench", bench)  # dataclasses look their module up there
     spec.loader.exec_module(bench)
-    bench.main(["--quick", "--out", str(tmp_path), "--threads", str(torch.get_num_threads())])
+    source = "bigbench" if sources[0].startswith("bigbench") else "wordnet"
+    bench.main(["--quick", "--source", source, "--out", str(tmp_path), "--threads", str(torch.get_num_threads())])
     added = json.loads((tmp_path / "moa_added.json").read_text())
     assert len(added["exact_match"]) == 5 and 0.0 <= added["router"]["vote_accuracy"] <= 1.0
     assert (tmp_path / "moa_table.md").is_file()
