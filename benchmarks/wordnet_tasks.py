@@ -288,30 +288,22 @@ def generation_domains(root: Path) -> dict[str, list[tuple[str, list[str]]]]:
         if all(len(senses[(lemma.lower(), synset.key[0])]) == 1 for lemma in synset.lemmas[:1])
         and " " not in synset.lemmas[0]
     ]
-    domains: dict[str, list[tuple[str, list[str]]]] = defaultdict(list)
+    answers_of: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
 
-    lemmas_of: dict[str, set[str]] = defaultdict(set)
+    def add(name: str, question: str, answers: list[str]) -> None:
+        answers_of[name][question].update(answers)
+
     for pos in ("noun", "verb", "adj"):
         for form, base in _exceptions(root, pos):
-            lemmas_of[form].add(base)
-    for form, bases in sorted(lemmas_of.items()):
-        domains["lemma"].append((f"What is the base form of the word '{form}'?", sorted(bases)))
-    plurals: dict[str, set[str]] = defaultdict(set)
-    for form, base in _exceptions(root, "noun"):
-        if form != base:
-            plurals[base].add(form)
-    for base, forms in sorted(plurals.items()):
-        domains["plural"].append((f"What is the plural of '{base}'?", sorted(forms)))
-
-    antonyms: dict[str, set[str]] = defaultdict(set)
+            add("lemma", f"What is the base form of the word '{form}'?", [base])
+            if pos == "noun" and form != base:
+                add("plural", f"What is the plural of '{base}'?", [form])
     for synset in synsets:
         for symbol, target, source_index, target_index in synset.pointers:
             if symbol == "!" and source_index and target_index and target in by_key:
                 word, other = synset.lemmas[source_index - 1], by_key[target].lemmas[target_index - 1]
                 if " " not in word and " " not in other:
-                    antonyms[word].add(other)
-    for word, others in sorted(antonyms.items()):
-        domains["antonym"].append((f"What is the opposite of '{word}'?", sorted(others)))
+                    add("antonym", f"What is the opposite of '{word}'?", [other])
 
     for synset in single:
         word = synset.lemmas[0]
@@ -321,26 +313,34 @@ def generation_domains(root: Path) -> dict[str, list[tuple[str, list[str]]]]:
             ]
             answers = sorted({lemma for hypernym in hypernyms for lemma in hypernym.lemmas})
             if answers:
-                domains["hypernym"].append((f"A '{word}' is a kind of what?", answers))
+                add("hypernym", f"A '{word}' is a kind of what?", answers)
             if synset.lexname != "noun.Tops":
-                domains["supersense"].append((f"Which category is the noun '{word}' in?", [synset.lexname[5:]]))
+                add("supersense", f"Which category is the noun '{word}' in?", [synset.lexname[5:]])
         others = sorted({lemma for lemma in synset.lemmas[1:] if lemma.lower() != word.lower()})
         if others:
-            domains["synonym"].append((f"What is another word for '{word}'?", others))
-        domains["reverse_dictionary"].append((f"Which word means '{synset.definition}'?", sorted(set(synset.lemmas))))
+            add("synonym", f"What is another word for '{word}'?", others)
+        add("reverse_dictionary", f"Which word means '{synset.definition}'?", sorted(set(synset.lemmas)))
 
     parts_of_speech: dict[str, set[str]] = defaultdict(set)
     for synset in synsets:
         for lemma in synset.lemmas:
             parts_of_speech[lemma.lower()].add(_POS_NAMES[synset.key[0]])
-    seen = set()
     for synset in synsets:
         for example in synset.examples:
             word = next((lemma for lemma in synset.lemmas if _mentions(example, lemma)), None)
-            if word is not None and len(parts_of_speech[word.lower()]) >= 2 and (word, example) not in seen:
-                seen.add((word, example))
+            if word is not None and len(parts_of_speech[word.lower()]) >= 2:
                 question = f"In the sentence '{example}', what part of speech is '{word}'?"
-                domains["part_of_speech"].append((question, [_POS_NAMES[synset.key[0]]]))
+                add("part_of_speech", question, [_POS_NAMES[synset.key[0]]])
+    domains = {}
     for name in GENERATION_CANDIDATES:
-        random.Random(f"{SEED}:generation:{name}").shuffle(domains[name])
-    return {name: domains[name] for name in GENERATION_CANDIDATES}
+        # A question asked twice (a word in two parts of speech, a definition of two synsets) keeps every
+        # answer; where one label is the answer (supersense, part of speech), a question with two is dropped.
+        labelled = name in ("supersense", "part_of_speech")
+        items = [
+            (question, sorted(answers))
+            for question, answers in sorted(answers_of[name].items())
+            if not (labelled and len(answers) > 1)
+        ]
+        random.Random(f"{SEED}:generation:{name}").shuffle(items)
+        domains[name] = items
+    return domains

@@ -187,13 +187,17 @@ def test_wordnet_reader_parses_the_database_format(monkeypatch, tmp_path):
     assert wordnet._mentions("the big cat sat", "big cat") and not wordnet._mentions("bigger cats", "big cat")
 
 
-@pytest.mark.skipif(
-    not (Path.home() / ".cache" / "loramix" / "wordnet-3.3" / ".loramix-complete").is_file(),
-    reason="WordNet is not in the loramix cache (loramix assets --wordnet)",
-)
-def test_wordnet_tasks_are_balanced_large_enough_and_fixed(monkeypatch):
-    from loramix.assets import wordnet_dir
+def _wordnet_root() -> Path:
+    from loramix.assets import AssetError, wordnet_dir
 
+    try:
+        return wordnet_dir()
+    except AssetError:
+        pytest.skip("WordNet is not in the loramix cache (loramix assets --wordnet)")
+
+
+def test_wordnet_tasks_are_balanced_large_enough_and_fixed(monkeypatch):
+    wordnet_dir = _wordnet_root
     wordnet = _load("wordnet_tasks", monkeypatch)
     tasks = wordnet.build_tasks(wordnet_dir())
     assert list(tasks) == list(wordnet.CANDIDATES)
@@ -203,3 +207,18 @@ def test_wordnet_tasks_are_balanced_large_enough_and_fixed(monkeypatch):
         assert len(examples) >= 1000 + 150 + 300, name  # the cpu scale's train + validation + test
         assert len({text for text, _ in examples}) == len(examples), name  # no text twice
     assert wordnet.build_tasks(wordnet_dir())["pos_in_context"][1][:20] == tasks["pos_in_context"][1][:20]
+
+
+def test_wordnet_generation_domains_are_large_enough_and_answerable(monkeypatch):
+    root = _wordnet_root()
+    wordnet = _load("wordnet_tasks", monkeypatch)
+    domains = wordnet.generation_domains(root)
+    assert list(domains) == list(wordnet.GENERATION_CANDIDATES)
+    for name, items in domains.items():
+        assert len(items) >= 1000 + 200, name  # the gpu scale's train + test per domain
+        assert all(question.strip() and answers and all(a.strip() for a in answers) for question, answers in items)
+        assert len({question for question, _ in items}) == len(items), name  # one item per question
+    assert ("What is the plural of 'goose'?", ["geese"]) in domains["plural"]
+    assert ("What is the base form of the word 'geese'?", ["goose"]) in domains["lemma"]
+    supersenses = {answers[0] for _, answers in domains["supersense"]}
+    assert len(supersenses) == 25 and "animal" in supersenses  # WordNet's 26 noun files but noun.Tops
