@@ -800,3 +800,20 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("LORAMIX_DEBUG", "1")
     with pytest.raises(FileNotFoundError):
         main(["train", str(tmp_path / "absent.yaml")])
+
+
+def test_generation_refuses_a_prompt_and_new_tokens_beyond_the_positions(tmp_path):
+    from transformers import GPT2Config
+
+    from loramix.runs.build import check_max_length
+    from loramix.runs.recipe import ModelSpec
+    from loramix.runs.settings import RecipeError
+
+    GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=4).save_pretrained(tmp_path)
+    before = hashlib.sha256((tmp_path / "config.json").read_bytes()).hexdigest()
+    check_max_length(ModelSpec(name=str(tmp_path), task_type="generation", max_length=56), 8)  # 56 + 8 = 64 fits
+    with pytest.raises(RecipeError, match=r"model.max_length=57 \+ eval.max_new_tokens=8 is beyond the 64 positions"):
+        check_max_length(ModelSpec(name=str(tmp_path), task_type="generation", max_length=57), 8)
+    with pytest.raises(RecipeError, match="model.max_length=65 is beyond the 64 positions"):
+        check_max_length(ModelSpec(name=str(tmp_path), task_type="generation", max_length=65), 0)
+    assert hashlib.sha256((tmp_path / "config.json").read_bytes()).hexdigest() == before

@@ -302,11 +302,12 @@ def check_stages(recipe: Recipe, model: MixtureModel) -> None:
 POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length")
 
 
-def check_max_length(spec: ModelSpec) -> None:
-    """Check ``model.max_length`` against the positions the model has (reads only its config).
+def check_max_length(spec: ModelSpec, max_new_tokens: int = 0) -> None:
+    """Check ``model.max_length`` (and, for generation, the ``eval.max_new_tokens`` generated after a prompt of
+    that length) against the positions the model has (reads only its config).
 
     Raises:
-        RecipeError: naming ``model.max_length`` and the model's limit.
+        RecipeError: naming ``model.max_length`` (and ``eval.max_new_tokens``) and the model's limit.
     """
     if spec.name in TINY_MODELS:
         return
@@ -315,11 +316,24 @@ def check_max_length(spec: ModelSpec) -> None:
     config = AutoConfig.from_pretrained(resolve_model_path(spec.name))
     for name in POSITION_FIELDS:
         limit = getattr(config, name, None)
-        if isinstance(limit, int) and spec.max_length > limit:
+        if not isinstance(limit, int):
+            continue
+        if spec.max_length > limit:
             raise RecipeError(
                 f"model.max_length={spec.max_length} is beyond the {limit} positions of model {spec.name!r} "
                 f"({name} in its config): use at most {limit}"
             )
+        if spec.max_length + max_new_tokens > limit:
+            raise RecipeError(
+                f"model.max_length={spec.max_length} + eval.max_new_tokens={max_new_tokens} is beyond the {limit} "
+                f"positions of model {spec.name!r} ({name} in its config): a prompt of max_length tokens leaves "
+                f"room for {limit - spec.max_length} new ones; lower either so that they add up to at most {limit}"
+            )
+
+
+def _new_tokens(recipe: Recipe) -> int:
+    """The tokens generated after a prompt in evaluation (0 for classification)."""
+    return recipe.eval.max_new_tokens if recipe.model.task_type == "generation" else 0
 
 
 def mixture_config(recipe: Recipe, task_set: TaskSet) -> MixtureConfig:
@@ -399,7 +413,7 @@ def _grown_run(recipe: Recipe) -> Run:
     for name in ("validation", "test", "max_train", "instructions"):
         _check_task_keys(f"data.{name}", getattr(new, name), task_set.names)
     check_recipe_tasks(recipe, task_set)
-    check_max_length(recipe.model)
+    check_max_length(recipe.model, _new_tokens(recipe))
     config = mixture_config(recipe, task_set)
     model = run.model
     added = task_set.names[len(earlier.task_set.names) :]
@@ -503,7 +517,7 @@ def build_run(recipe: Recipe) -> Run:
     tokenizer = load_tokenizer(recipe.model)
     task_set, splits, sources = read_data(recipe.data)
     check_recipe_tasks(recipe, task_set)
-    check_max_length(recipe.model)
+    check_max_length(recipe.model, _new_tokens(recipe))
     labels = [task_set.num_labels(name) for name in task_set.names]
     if recipe.model.task_type == "classification" and not all(labels):
         generation = [name for name, count in zip(task_set.names, labels, strict=True) if not count]
