@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from peft import PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import tiny_models
@@ -654,3 +654,25 @@ def test_shipped_moa_recipes_load_round_trip_and_their_stage_options_check(name:
     )
     for stage in recipe.stages:
         MoA.check_stage_options(config, stage.options)
+
+
+def test_resume_from_a_changed_init_adapter_is_refused_and_changes_nothing(
+    staged_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    adapter = tmp_path / "init"  # a copy of the adapter the new run starts from, to change it afterwards
+    shutil.copytree(staged_run / "run" / "adapter", adapter)
+    data = add_domain_recipe_dict(tmp_path, staged_run / "run" / "adapter", "grown")
+    data["init_adapter"] = str(adapter)
+    recipe = write_recipe(tmp_path, data, "grow.yaml")
+    assert main(["train", str(recipe)]) == 0
+    run = tmp_path / "grown"
+    assert "init_adapter" in json.loads((run / "run.json").read_text())["fingerprint"]
+    weights = adapter / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    key = next(key for key in state if key.endswith("lora_B"))
+    state[key] = state[key] + 1.0  # the adapter the run started from is not the same any more
+    save_file(state, str(weights))
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    assert main(["train", str(recipe), "--resume"]) == 2
+    assert "init_adapter.adapter_model.safetensors" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before

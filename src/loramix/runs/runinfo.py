@@ -89,8 +89,9 @@ def run_fingerprint(
             data file's path, is left out).
 
     Returns:
-        ``{"model", "mixture", "tasks", "data", "training", "stages"}``; logging, checkpointing and
-        device settings are left out (they may change on ``--resume``).
+        ``{"model", "mixture", "tasks", "data", "training", "stages"}``, and ``"init_adapter"`` (the sha256 of
+        each file of the adapter the run starts from, not its path) when the recipe has one; logging,
+        checkpointing and device settings are left out (they may change on ``--resume``).
     """
     data = dataclasses.asdict(recipe.data)
     # where a file lies is not part of what is trained, only its content (its sha256)
@@ -107,6 +108,14 @@ def run_fingerprint(
         "training": training,
         "stages": stages,
     }
+    if getattr(recipe, "init_adapter", None) is not None:
+        # what the run starts from is its content: a resume from another or a changed adapter is refused
+        folder = Path(recipe.init_adapter)
+        fingerprint["init_adapter"] = (
+            {path.name: sha256_file(path) for path in sorted(folder.iterdir()) if path.is_file()}
+            if folder.is_dir()
+            else None
+        )
     return _plain(fingerprint)
 
 
