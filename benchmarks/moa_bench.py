@@ -666,7 +666,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif not args.scale and args.seed == 0 and args.source == "bigbench":
         adapters = cache_dir() / "moa_bench"  # where the committed table's adapters were cached
     if args.pilot:
-        print(pilot(bench, out / "pilot" if not args.out else out, adapters / "pilot", args.source))
+        folder = args.out or (out.parent if args.scale else out) / "pilot"  # beside the seed folders
+        print(pilot(bench, folder, adapters / "pilot", args.source))
         return
     if not args.table:
         run_all(bench, out, adapters, args.runs)
