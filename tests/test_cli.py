@@ -279,3 +279,19 @@ def test_bench_runs_a_benchmark_script(tmp_path):
     report = json.loads((tmp_path / "layer_bench_quick.json").read_text())
     assert [row["experts"] for row in report["layer"]] == [1, 4, 8, 16]
     assert all(row["mixture_ms"] > 0 and row["peft_lora_ms"] > 0 for row in report["layer"])
+
+
+def test_a_command_leaves_the_process_group_a_launcher_opened(tmp_path, monkeypatch, capsys):
+    """Under torchrun/accelerate launch the CLI destroys the process group when its command ends (also on an
+    error), so the ranks do not exit with gloo's threads still running."""
+    from loramix import assets
+
+    monkeypatch.setattr(assets, "asset_status", lambda: [])
+    for argv, code in ((["assets", "--check"], 0), (["train", str(tmp_path / "missing.yaml")], 2)):
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"file://{tmp_path / ('store-' + argv[0])}", rank=0, world_size=1
+        )
+        assert torch.distributed.is_initialized()
+        assert main(argv) == code
+        assert not torch.distributed.is_initialized()
+    capsys.readouterr()
