@@ -39,6 +39,8 @@ Usage::
 
     python benchmarks/mtl_bench.py pilot --alone         # choose the tasks (writes suite.json)
     python benchmarks/mtl_bench.py --source wordnet pilot --alone   # the same on the WordNet tasks
+    # two processes share a pilot (--tasks, then one call without it writes the table) or a queue (--rows):
+    python benchmarks/mtl_bench.py --source wordnet queue --rows lora more_no_linear_scaling ... &
     nohup python benchmarks/mtl_bench.py queue > benchmarks/results/mtl_cpu/queue.log 2>&1 &
     python benchmarks/mtl_bench.py assemble              # table from the finished runs
 """
