@@ -592,25 +592,60 @@ def pilot(bench: Bench, out: Path, adapters: Path, source: str = "bigbench") -> 
     return markdown
 
 
+#: Two-sided 95% Student t quantiles by degrees of freedom (seeds - 1).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
+
+
+def _paired(diffs: list[float]) -> str:
+    """Mean of paired differences (points) with its 95% t interval, and the differences themselves."""
+    if len(diffs) < 2:
+        return f"{100 * diffs[0]:+.1f} (1 seed)" if diffs else "–"
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    half = T95.get(len(diffs) - 1, 1.96) * sd / len(diffs) ** 0.5
+    each = ", ".join(f"{100 * diff:+.1f}" for diff in diffs)
+    return f"{100 * mean:+.1f} [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}] ({each})"
+
+
 def seeds_table(root: Path) -> str:
-    """Mean ± sd over the ``seed*`` folders of ``root`` of every run's exact match per domain; writes
+    """Mean ± sd over the ``seed*`` folders of ``root`` of every run's exact match per domain and on average
+    over the old domains, and that average's paired difference (by seed, 95% t interval) to the mixed LoRA
+    and to the oracle; ``moa_added (label)`` is the grown model routed by the true label. Writes
     ``root/moa_seeds_table.md``."""
-    results: dict[str, list[dict]] = {}
-    for folder in sorted(root.glob("seed*")):
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    names: list[str] = []
+    old: list[str] = []
+    for folder in sorted(path for path in root.glob("seed*") if path.is_dir() and path.name[4:].isdigit()):
+        seed = int(folder.name[4:])
         for name in RUN_ORDER:
             path = folder / f"{name}.json"
-            if path.is_file():
-                results.setdefault(name, []).append(json.loads(path.read_text()))
+            if not path.is_file():
+                continue
+            record = json.loads(path.read_text())
+            scores = {"": dict(zip(record["domains"], record["exact_match"], strict=True))}
+            if "exact_match_with_label" in record:
+                scores[" (label)"] = dict(zip(record["domains"], record["exact_match_with_label"], strict=True))
+            for suffix, by_domain in scores.items():
+                results.setdefault(name + suffix, {})[seed] = by_domain
+            names += [domain for domain in record["domains"] if domain not in names]
+            if name == "oracle":
+                old = list(record["domains"])
     if not results:
         return "no runs yet\n"
-    names: list[str] = []
-    for records in results.values():
-        names += [name for name in records[0]["domains"] if name not in names]
-    lines = ["| run | seeds | " + " | ".join(names) + " | router vote |", "|" + "---|" * (len(names) + 3)]
-    for run, records in results.items():
+    old = old or names
+
+    def average(by_domain: dict[str, float]) -> float:
+        return statistics.mean(by_domain[name] for name in old)
+
+    def versus(run: str, reference: str) -> str:
+        common = sorted(set(results[run]) & set(results.get(reference, {})))
+        return _paired([average(results[run][s]) - average(results[reference][s]) for s in common])
+
+    header = ["run", "seeds", *names, f"mean ({len(old)} old)", "Δ vs lora_mixed [95% CI] (by seed)", "Δ vs oracle"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run, by_seed in results.items():
         cells = []
-        for name in names:
-            values = [dict(zip(r["domains"], r["exact_match"], strict=True)).get(name) for r in records]
+        for name in [*names, None]:
+            values = [average(scores) if name is None else scores.get(name) for scores in by_seed.values()]
             values = [value for value in values if value is not None]
             if not values:
                 cells.append("–")
@@ -618,9 +653,16 @@ def seeds_table(root: Path) -> str:
                 cells.append(f"{100 * values[0]:.1f}")
             else:
                 cells.append(f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}")
-        votes = [r["router"]["vote_accuracy"] for r in records if r.get("router")]
-        vote = f"{100 * statistics.mean(votes):.0f}" if votes else "–"
-        lines.append(f"| {run} | {len(records)} | " + " | ".join(cells) + f" | {vote} |")
+        paired = [versus(run, ref) if run != ref and run != "base" else "–" for ref in ("lora_mixed", "oracle")]
+        lines.append(f"| {run} | {len(by_seed)} | " + " | ".join([*cells, *paired]) + " |")
+    votes = [
+        json.loads(path.read_text())["router"]["vote_accuracy"] for path in sorted(root.glob("seed*/moa_router.json"))
+    ]
+    if votes:
+        lines += [
+            "",
+            f"Router accuracy (vote of the layers) of moa_router over seeds: {[round(100 * v) for v in votes]}",
+        ]
     markdown = "\n".join(lines) + "\n"
     (root / "moa_seeds_table.md").write_text(markdown)
     return markdown
