@@ -222,3 +222,31 @@ def test_wordnet_generation_domains_are_large_enough_and_answerable(monkeypatch)
     assert ("What is the base form of the word 'geese'?", ["goose"]) in domains["lemma"]
     supersenses = {answers[0] for _, answers in domains["supersense"]}
     assert len(supersenses) == 25 and "animal" in supersenses  # WordNet's 26 noun files but noun.Tops
+
+
+def test_moa_seeds_table_averages_old_domains_and_pairs_seeds(monkeypatch, tmp_path):
+    bench = _load("moa_bench", monkeypatch)
+    old = {"oracle": [(0.4, 0.2), (0.3, 0.1), (0.5, 0.3)], "lora_mixed": [(0.2, 0.2), (0.2, 0.1), (0.3, 0.2)]}
+    for seed in range(3):
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        for run, scores in old.items():
+            record = {"domains": ["a", "b"], "exact_match": list(scores[seed])}
+            (folder / f"{run}.json").write_text(json.dumps(record))
+        added = {
+            "domains": ["a", "b", "new"],
+            "exact_match": [0.1, 0.1, 0.5],
+            "exact_match_with_label": [*old["oracle"][seed], 0.6],
+        }
+        (folder / "moa_added.json").write_text(json.dumps(added))
+    (tmp_path / "seeds.log").write_text("not a seed folder")
+    markdown = bench.seeds_table(tmp_path)
+    rows = {line.split(" | ")[0][2:]: line for line in markdown.splitlines() if line.startswith("| ")}
+    # oracle - mixed, mean of the two old domains by seed: +0.1, +0.05, +0.15
+    diffs = [0.1, 0.05, 0.15]
+    half = 4.303 * statistics.stdev(diffs) / 3**0.5
+    assert f"+10.0 [{100 * (0.1 - half):+.1f}, {100 * (0.1 + half):+.1f}] (+10.0, +5.0, +15.0)" in rows["oracle"]
+    assert "| 30.0 ± 10.0 |" in rows["oracle"]  # the old-domain mean over seeds: 0.3, 0.2, 0.4
+    assert rows["moa_added (label)"].endswith("+0.0 [+0.0, +0.0] (+0.0, +0.0, +0.0) |")  # equal to the oracle
+    assert "| 60.0 ± 0.0 |" in rows["moa_added (label)"]  # the new domain, by label
+    assert "mean (2 old)" in markdown and (tmp_path / "moa_seeds_table.md").read_text() == markdown
