@@ -140,6 +140,29 @@ CANDIDATES = (
     "definition_match",
     "adjective_kind",
 )
+
+
+def _mentioned_word(synset: Synset, example: str) -> str | None:
+    """The first of the synset's lemmas that the example sentence contains as a word, if any."""
+    return next((lemma for lemma in synset.lemmas if _mentions(example, lemma)), None)
+
+
+def _ambiguous_uses(synsets: list[Synset]) -> list[tuple[str, str, str]]:
+    """(word, example sentence, part of speech) for each example whose word WordNet lists under two parts of
+    speech or more, so that only the sentence tells which one it is."""
+    parts_of_speech: dict[str, set[str]] = defaultdict(set)
+    for synset in synsets:
+        for lemma in synset.lemmas:
+            parts_of_speech[lemma.lower()].add(_POS_NAMES[synset.key[0]])
+    uses = []
+    for synset in synsets:
+        for example in synset.examples:
+            word = _mentioned_word(synset, example)
+            if word is not None and len(parts_of_speech[word.lower()]) >= 2:
+                uses.append((word, example, _POS_NAMES[synset.key[0]]))
+    return uses
+
+
 NOUN_SUPERSENSES = ["artifact", "person", "plant", "animal", "act", "communication", "state", "location"]
 EXAMPLE_SUPERSENSES = ["act", "attribute", "communication", "cognition", "artifact", "state", "person", "group"]
 VERB_SUPERSENSES = ["change", "contact", "communication", "motion", "social", "possession"]
@@ -163,7 +186,7 @@ def build_tasks(root: Path) -> dict[str, tuple[list[str], list[tuple[str, int]]]
             nouns[kind].append(synset.definition)
         if synset.key[0] == "n" and kind in EXAMPLE_SUPERSENSES:
             for example in synset.examples:
-                word = next((lemma for lemma in synset.lemmas if _mentions(example, lemma)), None)
+                word = _mentioned_word(synset, example)
                 if word is not None:
                     in_context[kind].append(f"{word}: {example}")
         if synset.key[0] == "v" and kind in VERB_SUPERSENSES:
@@ -172,16 +195,9 @@ def build_tasks(root: Path) -> dict[str, tuple[list[str], list[tuple[str, int]]]
     task("verb_supersense", VERB_SUPERSENSES, verbs)
     task("example_supersense", EXAMPLE_SUPERSENSES, in_context)
 
-    parts_of_speech: dict[str, set[str]] = defaultdict(set)
-    for synset in synsets:
-        for lemma in synset.lemmas:
-            parts_of_speech[lemma.lower()].add(_POS_NAMES[synset.key[0]])
     by_pos = defaultdict(list)
-    for synset in synsets:
-        for example in synset.examples:
-            word = next((lemma for lemma in synset.lemmas if _mentions(example, lemma)), None)
-            if word is not None and len(parts_of_speech[word.lower()]) >= 2:
-                by_pos[_POS_NAMES[synset.key[0]]].append(f"{word}: {example}")
+    for word, example, pos in _ambiguous_uses(synsets):
+        by_pos[pos].append(f"{word}: {example}")
     task("pos_in_context", ["noun", "verb", "adjective", "adverb"], by_pos)
 
     transitivity = defaultdict(list)
@@ -321,16 +337,8 @@ def generation_domains(root: Path) -> dict[str, list[tuple[str, list[str]]]]:
             add("synonym", f"What is another word for '{word}'?", others)
         add("reverse_dictionary", f"Which word means '{synset.definition}'?", sorted(set(synset.lemmas)))
 
-    parts_of_speech: dict[str, set[str]] = defaultdict(set)
-    for synset in synsets:
-        for lemma in synset.lemmas:
-            parts_of_speech[lemma.lower()].add(_POS_NAMES[synset.key[0]])
-    for synset in synsets:
-        for example in synset.examples:
-            word = next((lemma for lemma in synset.lemmas if _mentions(example, lemma)), None)
-            if word is not None and len(parts_of_speech[word.lower()]) >= 2:
-                question = f"In the sentence '{example}', what part of speech is '{word}'?"
-                add("part_of_speech", question, [_POS_NAMES[synset.key[0]]])
+    for word, example, pos in _ambiguous_uses(synsets):
+        add("part_of_speech", f"In the sentence '{example}', what part of speech is '{word}'?", [pos])
     domains = {}
     for name in GENERATION_CANDIDATES:
         # A question asked twice (a word in two parts of speech, a definition of two synsets) keeps every
