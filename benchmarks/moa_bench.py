@@ -28,8 +28,9 @@ domains, and ``--seeds-table`` aggregates mean ± sd over seeds::
     python benchmarks/moa_bench.py --scale cpu --seed 0 --domains A B C D --new-domain E   # seeds 0, 1, 2
     python benchmarks/moa_bench.py --seeds-table benchmarks/results/moa_cpu
 
-``--scale cpu``: 200 train / 100 test examples per domain, the original steps; ``--scale gpu``: every
-block adapted, 1,000 / 200 examples per domain, ten times the steps, on cuda.
+``--scale cpu``: 200 train / 100 test examples per domain, the original steps; ``--scale cpu_long``: the
+same with four times the steps of every stage (stage 1 then sees each training example about once);
+``--scale gpu``: every block adapted, 1,000 / 200 examples per domain, ten times the steps, on cuda.
 
 ``--source wordnet`` (BIG-bench's files being no longer served by the package index): the candidates are
 eight question-answer domains built from WordNet (``wordnet_tasks.GENERATION_CANDIDATES``: base forms,
@@ -156,6 +157,13 @@ def scale_bench(scale: str, seed: int) -> Bench:
     SmolLM2 adapted, ten times the steps, 1,000 training and 200 test examples per domain, on cuda)."""
     if scale == "cpu":
         return Bench(train_per_domain=200, test_per_domain=100, seed=seed)
+    if scale == "cpu_long":  # the cpu scale trained four times longer (stage 1: about one pass over its data)
+        plain = Bench(seed=seed)
+        longer = {
+            stage: replace(getattr(plain, stage), steps=4 * getattr(plain, stage).steps)
+            for stage in ("stage1", "stage2", "stage2_long", "new_expert", "new_routers")
+        }
+        return Bench(train_per_domain=200, test_per_domain=100, seed=seed, **longer)
     length = {"max_length": 64, "seed": seed}
     return Bench(
         train_per_domain=1000,
@@ -673,7 +681,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model and data (for tests)")
     parser.add_argument("--table", action="store_true", help="only write the table from existing JSONs")
-    parser.add_argument("--scale", choices=["cpu", "gpu"], help="preset sizes (default: the original small run)")
+    parser.add_argument(
+        "--scale", choices=["cpu", "cpu_long", "gpu"], help="preset sizes (default: the original small run)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="split and training seed")
     parser.add_argument("--domains", nargs="*", help=f"old domains, from {sorted(CANDIDATES)}")
     parser.add_argument("--new-domain", help="the domain added to the trained MoA")
