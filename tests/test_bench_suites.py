@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -250,3 +251,24 @@ def test_moa_seeds_table_averages_old_domains_and_pairs_seeds(monkeypatch, tmp_p
     assert rows["moa_added (label)"].endswith("+0.0 [+0.0, +0.0] (+0.0, +0.0, +0.0) |")  # equal to the oracle
     assert "| 60.0 ± 0.0 |" in rows["moa_added (label)"]  # the new domain, by label
     assert "mean (2 old)" in markdown and (tmp_path / "moa_seeds_table.md").read_text() == markdown
+
+
+@pytest.mark.parametrize("tokens", [3, 40])  # 3 tokens x top-2 of 8: most experts get no token
+def test_grouped_top_k_path_gives_the_fused_layers_output_and_gradients(monkeypatch, tokens):
+    topk = _load("topk_bench", monkeypatch)
+    layer, fused = topk.build_layer(24, 40, experts=8, rank=3, top_k=2, device="cpu", dtype=torch.float32)
+    x = torch.randn(tokens, 24, requires_grad=True)
+    assert topk.check_equal(layer, fused, x) < 1e-5
+    # the check sees a difference when there is one: the grouped path sending each token to the next expert
+    apply = topk.GroupedExperts.apply
+    shifted = lambda x, a, b, w, index, r: apply(x, a, b, w, (index + 1) % 8, r)  # noqa: E731
+    monkeypatch.setattr(topk.GroupedExperts, "apply", shifted)
+    assert topk.check_equal(layer, fused, x) > 1e-2
+
+
+def test_topk_bench_quick_writes_its_table(monkeypatch, tmp_path):
+    topk = _load("topk_bench", monkeypatch)
+    report = topk.main(["--quick", "--out", str(tmp_path)])
+    (case,) = report["cases"]
+    assert case["fused_ms"] > 0 and case["grouped_ms"] > 0 and case["max_relative_difference"] < 1e-5
+    assert "| smollm2 up | 576 -> 1536 | 4 | 64 | 1 |" in (tmp_path / "topk_bench_cpu_quick.md").read_text()
