@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from loramix.train import RecipeError, StageSettings, Trainer, TrainingSettings, WarmupSchedule, read_log
+from loramix.train import (
+    RecipeError,
+    StageSettings,
+    Trainer,
+    TrainingSettings,
+    WarmupSchedule,
+    list_checkpoints,
+    read_log,
+)
 from train_fixtures import batch_factory, classification_examples, classifier
 
 
@@ -145,3 +153,60 @@ def test_stage_fields_fall_back_to_training():
     stage = StageSettings(name="b", max_steps=3, learning_rate=0.1, max_grad_norm=0, schedule="constant")
     own = stage.resolved(training)
     assert (own.max_steps, own.learning_rate, own.max_grad_norm, own.schedule) == (3, 0.1, 0, "constant")
+
+
+def _tree_hashes(root) -> dict[str, str]:
+    """sha256 of every file under ``root`` by relative path (directories appear as their files)."""
+    import hashlib
+
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _parameter_hashes(model) -> dict[str, bytes]:
+    return {name: param.detach().clone().numpy().tobytes() for name, param in model.state_dict().items()}
+
+
+def test_a_fresh_trainer_refuses_another_runs_directory_and_changes_nothing(tmp_path):
+    factory = batch_factory(classification_examples(16), 8)
+    Trainer(classifier(), _settings(max_steps=2, save_every=1), factory, tmp_path / "run").train()
+    (tmp_path / "run" / "notes.txt").write_text("mine\n")
+    before = _tree_hashes(tmp_path)
+    model = classifier(seed=1)
+    parameters = _parameter_hashes(model)
+    for resume in (None, False):
+        with pytest.raises(RecipeError, match=r"holds another run \(adapter/, checkpoint-00000001/.*overwrite=True"):
+            Trainer(model, _settings(max_steps=2), factory, tmp_path / "run").train(resume_from=resume)
+    assert _tree_hashes(tmp_path) == before
+    assert _parameter_hashes(model) == parameters
+    with pytest.raises(RecipeError, match="exclude each other"):
+        Trainer(model, _settings(max_steps=2), factory, tmp_path / "run", overwrite=True).train(resume_from=True)
+    assert _tree_hashes(tmp_path) == before
+    # a saved adapter is not an output directory
+    with pytest.raises(RecipeError, match="is an adapter directory"):
+        Trainer(model, _settings(max_steps=2), factory, tmp_path / "run" / "adapter").train()
+    assert _tree_hashes(tmp_path) == before
+
+
+def test_overwrite_replaces_only_the_other_runs_files_and_resume_continues(tmp_path):
+    factory = batch_factory(classification_examples(16), 8)
+    directory = tmp_path / "run"
+    Trainer(classifier(), _settings(max_steps=3, save_every=1), factory, directory).train()
+    (directory / "notes.txt").write_text("mine\n")
+    old_adapter = (directory / "adapter" / "adapter_model.safetensors").read_bytes()
+    old_second = _tree_hashes(directory / "checkpoint-00000002")
+    state = Trainer(classifier(seed=1), _settings(max_steps=2), factory, directory, overwrite=True).train()
+    assert state.global_step == 2
+    assert (directory / "notes.txt").read_text() == "mine\n"
+    # the other run's checkpoints (up to step 3) went with it; what is left is the new run's
+    assert [path.name for path in list_checkpoints(directory)] == ["checkpoint-00000002"]
+    assert _tree_hashes(directory / "checkpoint-00000002") != old_second
+    assert [record["step"] for record in read_log(directory / "log.jsonl", "train")] == [1, 2]
+    assert (directory / "adapter" / "adapter_model.safetensors").read_bytes() != old_adapter
+    # resuming the run in the directory is still allowed without overwrite
+    Trainer(classifier(), _settings(max_steps=3, save_every=1), factory, tmp_path / "again").train()
+    resumed = Trainer(classifier(), _settings(max_steps=4, save_every=1), factory, tmp_path / "again")
+    assert resumed.train(resume_from=True).global_step == 4

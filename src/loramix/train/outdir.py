@@ -98,6 +98,40 @@ def check_output_dir(directory: str | Path, resume: bool | str | Path, overwrite
     return checkpoint
 
 
+def check_trainer_output_dir(directory: str | Path, fresh: bool, overwrite: bool) -> None:
+    """The :class:`~loramix.train.trainer.Trainer`'s own check of its output directory, before it writes.
+
+    A fresh start refuses a directory holding another run's adapter, checkpoints or logs unless
+    ``overwrite`` (``run.json`` alone is allowed: :func:`~loramix.train.pipeline.train_recipe` writes it for
+    the run it is about to start). A resume continues the run in the directory, so it is not refused here.
+
+    Args:
+        directory: the trainer's output directory.
+        fresh: the trainer starts afresh (no checkpoint is resumed).
+        overwrite: the caller agreed to replace another run's files (only valid for a fresh start).
+
+    Raises:
+        RecipeError: overwrite with a resume; the directory is a file or a saved adapter; a fresh start
+            into another run's files without ``overwrite``.
+    """
+    directory = Path(directory)
+    if overwrite and not fresh:
+        raise RecipeError("Trainer: overwrite=True and resume_from exclude each other: resume a run or replace it")
+    if directory.exists() and not directory.is_dir():
+        raise RecipeError(f"output directory {directory} is a file: choose a directory for output_dir")
+    if is_mixture_directory(directory):
+        raise RecipeError(
+            f"output directory {directory} is an adapter directory (it holds a saved mixture): "
+            "choose another output_dir (the trainer writes its adapter to <output_dir>/adapter)"
+        )
+    others = [entry for entry in run_entries(directory) if entry.name != RUN_FILE]
+    if fresh and others and not overwrite:
+        raise RecipeError(
+            f"output directory {directory} holds another run ({_listing(others)}): pass resume_from=True to "
+            "continue it, overwrite=True to replace it, or choose another output_dir"
+        )
+
+
 def check_resume(
     directory: str | Path, checkpoint: Path, fingerprint: dict[str, Any], files: Sequence[str | None] = ()
 ) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, broadcast_object_list
 from tqdm.auto import tqdm
 
 from loramix.model import MixtureModel
@@ -41,6 +41,7 @@ from loramix.train.checkpoint import (
     write_adapter,
 )
 from loramix.train.logs import RunLogger
+from loramix.train.outdir import check_trainer_output_dir, clear_run
 from loramix.train.params import build_run_optimizer, select_trainable, stage_selection, start_stage_lrs
 from loramix.train.rng import get_rng_state, seed_everything, set_rng_state
 
@@ -321,6 +322,9 @@ class Trainer:
         fingerprint: JSON data identifying the run (config, data hashes ...), saved in every checkpoint;
             resuming from a checkpoint whose fingerprint differs is refused, naming the keys that differ.
         max_nonfinite_steps: non-finite steps in a row that stop the run.
+        overwrite: a fresh start may replace another run's files in ``output_dir`` (its ``adapter/``,
+            checkpoints, ``log.jsonl``, ``tensorboard/``; other files are left alone). Without it a fresh
+            start into such a directory is refused before anything is written.
 
     Raises:
         RecipeError: stage names repeat, or the launch asks for an engine loramix cannot honour.
@@ -337,6 +341,7 @@ class Trainer:
         callbacks: Sequence[Callable[[TrainerState], None]] = (),
         fingerprint: dict[str, Any] | None = None,
         max_nonfinite_steps: int = MAX_NONFINITE_STEPS,
+        overwrite: bool = False,
     ) -> None:
         if not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps={max_nonfinite_steps!r} must be an integer >= 1")
@@ -352,6 +357,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.fingerprint = None if fingerprint is None else json.loads(json.dumps(fingerprint))
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.overwrite = overwrite
         self.state = TrainerState()
         self.candidates = [name for name, param in model.named_parameters() if param.requires_grad]
         if _env_flag("ACCELERATE_USE_DEEPSPEED"):
@@ -363,7 +369,7 @@ class Trainer:
             rank=self.accelerator.process_index,
             barrier=self.accelerator.wait_for_everyone,
         )
-        self.logger = RunLogger(self.output_dir) if self.accelerator.is_main_process else None
+        self.logger: RunLogger | None = None  # opened by train(), once the output directory is checked
         config = getattr(model, "config", None)
         self._encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         self._nonfinite = 0
@@ -385,11 +391,13 @@ class Trainer:
 
         Raises:
             CheckpointError: the checkpoint to resume from is damaged, or none under ``output_dir`` is intact.
-            RecipeError: the checkpoint was written for other stages or another run (fingerprint).
+            RecipeError: the checkpoint was written for other stages or another run (fingerprint); a fresh
+                start into a directory holding another run's files without ``overwrite`` (nothing written).
             NonFiniteError: ``max_nonfinite_steps`` steps in a row were not finite.
         """
         seed_everything(self.settings.seed)
         checkpoint = self._resolve_resume(resume_from)
+        self._claim_output_dir(fresh=checkpoint is None, resumed=resume_from not in (None, False))
         start_stage = 0
         if checkpoint is not None:
             start_stage = self._check_resume(checkpoint)
@@ -417,7 +425,27 @@ class Trainer:
         self.accelerator.free_memory()
         return self.state
 
-    # ------------------------------------------------------------------ resume and layout checks
+    # ------------------------------------------------------------------ output directory, resume and layout checks
+    def _claim_output_dir(self, fresh: bool, resumed: bool) -> None:
+        """Check the output directory on the main process (every rank raises its error), then, for a fresh
+        start with ``overwrite``, remove the other run's files; open the run log."""
+        problem = None
+        if self.accelerator.is_main_process:
+            try:
+                # resume_from=True with no checkpoint yet continues the same run from its start
+                check_trainer_output_dir(self.output_dir, fresh=fresh and not resumed, overwrite=self.overwrite)
+            except RecipeError as error:
+                problem = str(error)
+        if self.accelerator.num_processes > 1:
+            problem = broadcast_object_list([problem])[0]
+        if problem is not None:
+            raise RecipeError(problem)
+        if self.accelerator.is_main_process:
+            if fresh and self.overwrite:
+                clear_run(self.output_dir)
+            self.logger = RunLogger(self.output_dir)
+        self.accelerator.wait_for_everyone()
+
     def _resolve_resume(self, resume_from: str | Path | bool | None) -> Path | None:
         if resume_from is None or resume_from is False:
             return None
