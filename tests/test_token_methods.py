@@ -303,3 +303,42 @@ def test_router_folded_into_the_a_gemm_equals_a_separate_router(settings, x) -> 
     for name, param in layer.named_parameters():
         if name in folded_grads:
             torch.testing.assert_close(folded_grads[name], param.grad, msg=name)
+
+
+@pytest.mark.parametrize("method", ["mixlora", "smora"])
+def test_folded_router_keeps_no_stacked_copy_and_follows_autocast(method, x) -> None:
+    """The backward reads A and the router weight themselves: no [K_A + S, d_in] stack is kept per layer;
+    under bf16 autocast the gradients come back in the parameters' dtype, close to the unfolded path's."""
+    settings = {"method": method, "r": 4, "num_experts": 4} if method == "mixlora" else {"method": method, "r": 6}
+    layer, holder = make_layer(**settings)
+    layer.train()
+    stacked_rows = layer.lora_A.shape[0] + layer.router.scorer().weight.shape[0]
+    params = {param.untyped_storage().data_ptr() for param in layer.parameters()}
+    kept = []
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in params:
+            kept.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run(layer, holder, x.clone().requires_grad_(True))  # as between layers: the input's gradient is needed
+    assert kept and all(sorted(shape) != sorted((stacked_rows, D_IN)) for shape in kept)
+
+    grads = []
+    for fold in (True, False):
+        layer.zero_grad()
+        inputs = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), holder.activate(RoutingContext()):
+            if fold:
+                out = layer(inputs)
+            else:
+                hidden = layer.router.mix(inputs @ layer.lora_A.T, inputs, RoutingContext(), layer.lora_A)
+                out = layer.base_layer(inputs) + layer.scale * hidden @ layer.lora_B.T
+        out.float().pow(2).sum().backward()
+        grads.append(
+            {"x": inputs.grad, **{name: p.grad.clone() for name, p in layer.named_parameters() if p.grad is not None}}
+        )
+    for name, grad in grads[0].items():
+        assert grad.dtype == torch.float32, name
+        torch.testing.assert_close(grad, grads[1][name], rtol=0.05, atol=0.05 * grads[1][name].abs().max().item())

@@ -81,7 +81,7 @@ class Mixer(nn.Module):
         scorer = self.scorer()
         if scorer is None or dropped is not x or scorer.weight.dtype != lora_A.dtype:
             return F.linear(dropped, lora_A)
-        return F.linear(x, torch.cat([lora_A, scorer.weight]))
+        return StackedProjection.apply(x, lora_A, scorer.weight)
 
     def split_scores(self, hidden: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(``A dropout(x)`` [..., K_A], the scorer's output [..., S]) from what :meth:`project` returned.
@@ -119,6 +119,34 @@ class Mixer(nn.Module):
 
     def step_end(self) -> None:
         """Called by ``MixtureModel.step_end()`` after each optimizer step (e.g. SMoRA's bias update)."""
+
+
+class StackedProjection(torch.autograd.Function):
+    """``x @ [A; W]ᵀ`` in one GEMM, keeping A and W (the parameters) for the backward, not their stack.
+
+    ``F.linear(x, torch.cat([A, W]))`` would keep the stacked copy alive until the backward, one more
+    K_A + S by d_in tensor per adapted layer; here the stack is a temporary of the forward and rebuilt in the
+    backward for the input's gradient. The backward computes in the gradient's dtype (bf16 under autocast,
+    as autograd would) and returns each gradient in its input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bank: torch.Tensor, scorer: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, bank, scorer)
+        return F.linear(x, torch.cat([bank, scorer]))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        x, bank, scorer = ctx.saved_tensors
+        grad_x = grad_bank = grad_scorer = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ torch.cat([bank, scorer]).to(grad.dtype)).to(x.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            stacked = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(grad.dtype)
+            rows = bank.shape[0]
+            grad_bank = stacked[:rows].to(bank.dtype) if ctx.needs_input_grad[1] else None
+            grad_scorer = stacked[rows:].to(scorer.dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_bank, grad_scorer
 
 
 class Router(Mixer):
