@@ -24,6 +24,13 @@ step time is its fastest step over all rounds (the figure least disturbed by oth
 memory is the smallest peak over rounds. The results files are rewritten after every child, so a killed
 run keeps what finished.
 
+A peak RSS moves by several percent with the allocator's history, more than the differences between most
+variants, so each child also counts two exact figures: the bytes the autograd graph keeps for the backward
+(the storages of the tensors saved during the warm-up step's forward, each once, parameters excluded; read
+with ``torch.autograd.graph.saved_tensors_hooks``) and the bytes of the trainable state (parameters,
+gradients and the optimizer's state). Their sum is the memory a variant adds to the frozen model at the
+start of its backward, up to the temporaries of single operations.
+
     python benchmarks/e2e_bench.py                       # SmolLM2-135M-Instruct, batch 4 x 128, 2 threads
     python benchmarks/e2e_bench.py --threads 1 --rounds 2
     python benchmarks/e2e_bench.py --quick               # tiny Llama from a config (smoke test, < 2 min)
@@ -348,8 +355,24 @@ def measure(preset: str, variant: Variant, device: str, threads: int, batch: int
     extra = {"task_ids": task_ids} if variant.kind == "loramix" else {}
     step_end = getattr(model, "step_end", None) if variant.kind == "loramix" else None
 
-    def step() -> None:
-        model(input_ids=input_ids, attention_mask=mask, labels=input_ids, **extra).loss.backward()
+    # What the autograd graph keeps for the backward, counted exactly (the allocator's peak is noisy): the
+    # storages of the tensors saved during one forward, each once, parameters excluded (they exist anyway).
+    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def count_saved(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameter_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def step(count: bool = False) -> None:
+        if count:
+            with torch.autograd.graph.saved_tensors_hooks(count_saved, lambda tensor: tensor):
+                loss = model(input_ids=input_ids, attention_mask=mask, labels=input_ids, **extra).loss
+        else:
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=input_ids, **extra).loss
+        loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -361,7 +384,7 @@ def measure(preset: str, variant: Variant, device: str, threads: int, batch: int
         if cuda:
             torch.cuda.synchronize()
         start, cpu_start = time.perf_counter(), time.process_time()
-        step()
+        step(count=index == 0)
         if cuda:
             torch.cuda.synchronize()
         if index:  # the first step is the warm-up
@@ -375,10 +398,21 @@ def measure(preset: str, variant: Variant, device: str, threads: int, batch: int
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    # trainable parameters, their gradients and the optimizer's state (AdamW: two moments and a step count)
+    state = 2 * sum(p.numel() * p.element_size() for p in params)
+    if optimizer is not None:
+        state += sum(
+            value.numel() * value.element_size()
+            for values in optimizer.state.values()
+            for value in values.values()
+            if isinstance(value, torch.Tensor)
+        )
     return {
         "step_seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "peak_bytes": peak,
+        "saved_bytes": sum(saved.values()),
+        "state_bytes": state,
         "trainable": sum(p.numel() for p in params),
         "memory_method": rss_method,
     }
@@ -427,6 +461,9 @@ def summarize(report: dict) -> None:
             row["cpu_ms"] = 1000 * min(second for run in runs for second in run["cpu_seconds"])
             row["peak_mib"] = min(run["peak_bytes"] for run in runs) / 2**20
             row["trainable"] = runs[0]["trainable"]
+            if "saved_bytes" in runs[0]:  # the same in every run: the graph and the state are deterministic
+                row["saved_mib"] = runs[0]["saved_bytes"] / 2**20
+                row["state_mib"] = runs[0]["state_bytes"] / 2**20
     reference = next((row for row in report["variants"] if row["name"] == "peft_lora"), None)
     for row in report["variants"]:
         if reference is None or "step_ms" not in row or "step_ms" not in reference:
@@ -436,6 +473,10 @@ def summarize(report: dict) -> None:
         row["cpu_ratio"] = row["cpu_ms"] / reference["cpu_ms"]
         row["memory_ratio"] = row["peak_mib"] / reference["peak_mib"] if reference["peak_mib"] > 0 else None
         row["params_ratio"] = row["trainable"] / reference["trainable"] if reference["trainable"] else None
+        if "saved_mib" in row and "saved_mib" in reference:
+            row["accounted_ratio"] = (row["saved_mib"] + row["state_mib"]) / (
+                reference["saved_mib"] + reference["state_mib"]
+            )
 
 
 def markdown(report: dict) -> str:
@@ -450,7 +491,8 @@ def markdown(report: dict) -> str:
         f"timed step(s) per variant, variants interleaved round by round. Step time: the fastest step's CPU "
         f"time of the process (`time.process_time`, all its threads; with one thread the figure least "
         f"disturbed by other processes on a shared machine) and its wall-clock time; memory "
-        f"= {memory} over the unwrapped model (smallest over rounds). Load average "
+        f"= {memory} over the unwrapped model (smallest over rounds); saved for backward and trainable state: "
+        f"counted exactly (module docstring). Load average "
         f"(1 / 5 / 15 min) at the start {report['load_start']}, at the end {report.get('load_end', '-')}.\n",
         f"Reference: PEFT LoRA r{settings['rank']}, {report['reference_trainable'] / 1e6:.2f}M trainable "
         "parameters. Ratios only (absolute times on a shared machine are not a property of the code).\n",
@@ -467,20 +509,23 @@ def markdown(report: dict) -> str:
             continue
         lines += [
             f"## {title}\n",
-            "| variant | shape | trainable | params / PEFT | step CPU time / PEFT | step wall / PEFT | memory / PEFT |",
-            "|---|---|---|---|---|---|---|",
+            "| variant | shape | trainable | params / PEFT | step CPU time / PEFT | step wall / PEFT | memory / PEFT "
+            "| saved for backward MiB | trainable state MiB | saved + state / PEFT |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in rows:
             label = row["name"] + (f" ({row['note']})" if row["note"] else "")
             if "step_ratio" not in row:
                 status = "failed" if row.get("errors") else "not run"
-                lines.append(f"| {label} | {row['shape']} | - | - | {status} | - | - |")
+                lines.append(f"| {label} | {row['shape']} | - | - | {status} | - | - | - | - | - |")
                 continue
             memory_ratio = "-" if row["memory_ratio"] is None else f"{row['memory_ratio']:.3f}"
             params_ratio = "-" if row["params_ratio"] is None else f"{row['params_ratio']:.3f}"
+            accounted = [f"{row['saved_mib']:.1f}", f"{row['state_mib']:.1f}"] if "saved_mib" in row else ["-", "-"]
+            accounted.append(f"{row['accounted_ratio']:.3f}" if "accounted_ratio" in row else "-")
             lines.append(
                 f"| {label} | {row['shape']} | {row['trainable'] / 1e6:.2f}M | {params_ratio} | "
-                f"{row['cpu_ratio']:.3f} | {row['step_ratio']:.3f} | {memory_ratio} |"
+                f"{row['cpu_ratio']:.3f} | {row['step_ratio']:.3f} | {memory_ratio} | {' | '.join(accounted)} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -23,4 +23,12 @@ def test_e2e_bench_quick_times_and_sizes_variants(tmp_path):
     assert rows["more_eq"]["trainable"] > 1.3 * peft["trainable"]
     assert rows["more_matched"]["config"]["r"] < rows["more_eq"]["config"]["r"]
     assert abs(rows["more_matched"]["params_ratio"] - 1) < 0.1
+    # the exact memory figures: the same trainable parameters under AdamW hold the same state, four float32
+    # copies of each parameter (itself, its gradient, two moments) and one step count per tensor
+    assert peft["state_mib"] == lora["state_mib"]
+    assert 16 * lora["trainable"] <= lora["state_mib"] * 2**20 <= 1.01 * 16 * lora["trainable"]
+    # for the backward, loramix's LoRA keeps what PEFT's keeps (the layer input and the rank-r activation);
+    # MoRE keeps more (its selector's and contrastive loss's tensors)
+    assert 0 < lora["saved_mib"] == peft["saved_mib"]
+    assert rows["more_eq"]["saved_mib"] > lora["saved_mib"]
     assert "python benchmarks/e2e_bench.py --quick" in (tmp_path / "e2e_bench_quick.md").read_text()
