@@ -61,13 +61,7 @@ def check_output_dir(directory: str | Path, resume: bool | str | Path, overwrite
     directory = Path(directory)
     if resume not in (None, False) and overwrite:
         raise RecipeError("--resume and --overwrite exclude each other: resume a run or replace it")
-    if directory.exists() and not directory.is_dir():
-        raise RecipeError(f"output directory {directory} is a file: choose a directory for output_dir")
-    if is_mixture_directory(directory):
-        raise RecipeError(
-            f"output directory {directory} is an adapter directory (it holds a saved mixture): "
-            "choose another output_dir (the run writes its adapter to <output_dir>/adapter)"
-        )
+    _refuse_non_run_directory(directory, "run")
     entries = run_entries(directory)
     if resume in (None, False):
         if entries and not overwrite:
@@ -117,13 +111,7 @@ def check_trainer_output_dir(directory: str | Path, fresh: bool, overwrite: bool
     directory = Path(directory)
     if overwrite and not fresh:
         raise RecipeError("Trainer: overwrite=True and resume_from exclude each other: resume a run or replace it")
-    if directory.exists() and not directory.is_dir():
-        raise RecipeError(f"output directory {directory} is a file: choose a directory for output_dir")
-    if is_mixture_directory(directory):
-        raise RecipeError(
-            f"output directory {directory} is an adapter directory (it holds a saved mixture): "
-            "choose another output_dir (the trainer writes its adapter to <output_dir>/adapter)"
-        )
+    _refuse_non_run_directory(directory, "trainer")
     others = [entry for entry in run_entries(directory) if entry.name != RUN_FILE]
     if fresh and others and not overwrite:
         raise RecipeError(
@@ -205,3 +193,14 @@ def clear_run(directory: str | Path) -> list[str]:
         raise
     shutil.rmtree(trash)
     return [entry.name for entry in entries]
+
+
+def _refuse_non_run_directory(directory: Path, writer: str) -> None:
+    """Refuse an output directory that is a file or a saved adapter (``writer`` names who writes there)."""
+    if directory.exists() and not directory.is_dir():
+        raise RecipeError(f"output directory {directory} is a file: choose a directory for output_dir")
+    if is_mixture_directory(directory):
+        raise RecipeError(
+            f"output directory {directory} is an adapter directory (it holds a saved mixture): "
+            f"choose another output_dir (the {writer} writes its adapter to <output_dir>/adapter)"
+        )
