@@ -342,3 +342,72 @@ def test_folded_router_keeps_no_stacked_copy_and_follows_autocast(method, x) -> 
     for name, grad in grads[0].items():
         assert grad.dtype == torch.float32, name
         torch.testing.assert_close(grad, grads[1][name], rtol=0.05, atol=0.05 * grads[1][name].abs().max().item())
+
+
+def saved_bytes(function) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward while ``function()`` runs."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = function()
+    return output, sum(storages.values())
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"method": "mixlora", "r": 3, "num_experts": 4},
+        {"method": "malora", "r": 3, "num_experts": 4},
+        {"method": "smora", "r": 6},
+        {"method": "hydralora", "r": 3, "num_experts": 4},
+    ],
+    ids=lambda settings: settings["method"],
+)
+def test_weighted_up_projection_keeps_no_weighted_copy(settings, x) -> None:
+    """Token routers give their mix as factors: the layer weighs and projects up in one step whose backward
+    redoes the weighting, so it keeps one [tokens, K_B] tensor less than mix-then-addmm, with the same
+    output and the same gradients of the input and every parameter."""
+    layer, holder = make_layer(**settings)
+    layer.train()
+    tokens = x.shape[0] * x.shape[1]
+
+    def composed(inputs):  # what the layer did before: the weighted components, then one addmm
+        context = RoutingContext()
+        with holder.activate(context):
+            hidden = layer.router.mix(layer.router.project(inputs, inputs, layer.lora_A), inputs, context, layer.lora_A)
+            result = layer.base_layer(inputs)
+            flat = torch.addmm(
+                result.reshape(-1, D_OUT), hidden.reshape(-1, hidden.shape[-1]), layer.lora_B.t(), alpha=layer.scale
+            )
+        return flat.view(result.shape), context
+
+    outputs, grads, kept = [], [], []
+    for fused in (True, False):
+        layer.zero_grad()
+        inputs = x.clone().requires_grad_(True)
+        if fused:
+            context = RoutingContext()
+
+            def call(inputs=inputs, context=context):
+                with holder.activate(context):
+                    return layer(inputs)
+
+            out, nbytes = saved_bytes(call)
+        else:
+            (out, context), nbytes = saved_bytes(lambda inputs=inputs: composed(inputs))
+        loss = out.pow(2).sum() + sum(sum(losses) for losses in context.aux_losses.values())
+        loss.backward()
+        outputs.append(out.detach())
+        kept.append(nbytes)
+        grads.append(
+            {"x": inputs.grad, **{n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}}
+        )
+    torch.testing.assert_close(outputs[0], outputs[1])
+    assert grads[0].keys() == grads[1].keys() and {"x", "lora_A", "lora_B"} <= grads[0].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+    assert kept[1] - kept[0] == tokens * layer.lora_B.shape[1] * 4  # the weighted copy, float32

@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from loramix.config import ConfigError, MixtureConfig
 from loramix.context import ContextHolder, RoutingContext
 from loramix.methods.base import Method
+from loramix.mixers import weighted
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D)
 
@@ -157,7 +158,14 @@ class MixtureLinear(nn.Module):
         if self.blocks > 1:
             hidden = self.router.mix(self._down_blocks(dropped), x, routing, self.lora_A)
             return result + (self._up_blocks(hidden) * self.scale).to(result.dtype)
-        hidden = self.router.mix(self.router.project(dropped, x, self.lora_A), x, routing, self.lora_A)
+        projected = self.router.project(dropped, x, self.lora_A)
+        factors = self.router.mix_factors(projected, x, routing, self.lora_A)
+        if factors is None:
+            hidden = self.router.mix(projected, x, routing, self.lora_A)
+        elif torch.promote_types(factors[0].dtype, factors[1].dtype) == result.dtype:
+            return WeightedUpProjection.apply(result, *factors, self.lora_B, self.scale)
+        else:
+            hidden = weighted(*factors)
         if hidden.dtype != result.dtype:
             return result + (F.linear(hidden, self.lora_B) * self.scale).to(result.dtype)
         # result + s · hidden Bᵀ in one GEMM: the scale and the residual add ride on addmm's alpha and beta
@@ -237,3 +245,47 @@ class MixtureLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, K_A={self.lora_A.shape[0]}, K_B={self.lora_B.shape[1]}"
             + (f", blocks={self.blocks}" if self.blocks > 1 else "")
         )
+
+
+class WeightedUpProjection(torch.autograd.Function):
+    """``result + s · weighted(components, weights) Bᵀ`` in one addmm, keeping no weighted copy for the backward.
+
+    Autograd would keep the weighted components (the addmm's input, a K_B-wide tensor per token) besides
+    the components and weights the weighting itself keeps; here the weighting is redone in the backward,
+    one elementwise product, for B's gradient. Shapes: result [..., d_out], components [..., G, c] (may
+    broadcast over G), weights [..., G], B [d_out, G·c]. The backward computes in the gradient's dtype
+    (bf16 under autocast, as autograd would) and returns each gradient in its input's dtype.
+    """
+
+    @staticmethod
+    def forward(  # noqa: ANN001
+        ctx, result: torch.Tensor, components: torch.Tensor, weights: torch.Tensor, lora_B: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        ctx.save_for_backward(components, weights, lora_B)
+        ctx.scale = scale
+        hidden = weighted(components, weights)
+        flat = torch.addmm(
+            result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), lora_B.t(), alpha=scale
+        )
+        return flat.view(result.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        components, weights, lora_B = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_result = grad_components = grad_weights = grad_b = None
+        if needs[0]:
+            grad_result = grad
+        flat_grad = grad.reshape(-1, grad.shape[-1])
+        if needs[1] or needs[2]:
+            # d loss / d weighted(components, weights), as [..., G, c]
+            grad_hidden = (flat_grad @ lora_B.to(grad.dtype)).mul_(ctx.scale).view(*weights.shape, -1)
+            if needs[1]:
+                grad_components = grad_hidden * weights.to(grad.dtype).unsqueeze(-1)
+                grad_components = grad_components.sum_to_size(components.shape).to(components.dtype)
+            if needs[2]:
+                grad_weights = (grad_hidden * components.to(grad.dtype)).sum(-1).to(weights.dtype)
+        if needs[3]:
+            hidden = weighted(components.to(grad.dtype), weights.to(grad.dtype))
+            grad_b = (flat_grad.t() @ hidden.reshape(-1, hidden.shape[-1])).mul_(ctx.scale).to(lora_B.dtype)
+        return grad_result, grad_components, grad_weights, grad_b, None

@@ -14,7 +14,9 @@ B (d_out × K_B) and the scale s belong to the layer; everything method-specific
   else. Mixers routed on the input are not mergeable and refuse it.
 
 Most methods mix by a diagonal ``M = diag(g)`` after pairing each B column with an A row: such a mixer is a
-:class:`Router`, and only computes the gate g (:meth:`Router.route`).
+:class:`Router`, and only computes the gate g (:meth:`Router.route`). Token routers also give their mix as
+factors (:meth:`Mixer.mix_factors`: per-token weights and the components they weigh), so the layer can
+weigh and project up in one step that keeps no weighted copy for the backward (:func:`weighted`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ class Mixer(nn.Module):
         self.bank_b = bank_b
         self.layer_name = ""
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "mix" in cls.__dict__ and "mix_factors" not in cls.__dict__:
+            cls.mix_factors = Mixer.mix_factors  # a mix of its own is not the weighting an ancestor factored
+
     def mix(self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor) -> torch.Tensor:
         """The middle of the delta.
 
@@ -68,6 +75,18 @@ class Mixer(nn.Module):
         """The bias-free linear map that scores the layer input for routing (``None``: the mixer has none).
 
         :meth:`project` folds it into the A GEMM; :meth:`split_scores` gives its output back to ``mix``.
+        """
+        return None
+
+    def mix_factors(
+        self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:meth:`mix` as factors, ``(components [..., G, c], weights [..., G])`` with ``mix`` equal to
+        ``weighted(components, weights)`` (G groups of c components, G·c = K_B; components may broadcast
+        over G), or ``None`` where the mix is not such a weighting (the default). Same arguments and side
+        effects as :meth:`mix` (auxiliary losses, records): a caller calls one of the two, once.
+
+        A subclass that overrides :meth:`mix` without this method gets the default back.
         """
         return None
 
@@ -119,6 +138,11 @@ class Mixer(nn.Module):
 
     def step_end(self) -> None:
         """Called by ``MixtureModel.step_end()`` after each optimizer step (e.g. SMoRA's bias update)."""
+
+
+def weighted(components: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``components [..., G, c]`` times ``weights [..., G]``, flattened to [..., G·c]: a factored mix."""
+    return (components * weights.unsqueeze(-1)).flatten(-2)
 
 
 class StackedProjection(torch.autograd.Function):

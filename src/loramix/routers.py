@@ -12,7 +12,7 @@ from torch import nn
 
 from loramix.context import RoutingContext
 from loramix.gating import balance_loss, expert_gates, one_hot_gates, token_mask, top_k_weights
-from loramix.mixers import Router, shared_pairing
+from loramix.mixers import Router, shared_pairing, weighted
 
 
 class ConstantRouter(Router):
@@ -141,15 +141,18 @@ class TokenSoftmaxRouter(Router):
         return expert_gates(self.expert_weights(x, context), self.rank).to(x.dtype)
 
     def mix(self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor) -> torch.Tensor:
-        hidden, logits = self.split_scores(hidden, x)
-        return self.weigh_experts(hidden, self.expert_weights(x, context, logits).to(x.dtype))
+        return weighted(*self.mix_factors(hidden, x, context, lora_A))
 
-    def weigh_experts(self, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Scale each expert's components by its weight: hidden [..., K_A] and weights [..., E] -> [..., E * r]."""
+    def mix_factors(
+        self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, logits = self.split_scores(hidden, x)
+        return self.expert_components(hidden), self.expert_weights(x, context, logits).to(x.dtype)
+
+    def expert_components(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Each expert's r components of ``hidden`` [..., K_A]: [..., E, r] ([..., 1, r] when all share A's rows)."""
         if self.shared_rows:
-            experts = hidden.unsqueeze(-2)
-        elif self.pairing is not None:
-            experts = hidden[..., self.pairing].view(*hidden.shape[:-1], -1, self.rank)
-        else:
-            experts = hidden.view(*hidden.shape[:-1], -1, self.rank)
-        return (experts * weights.unsqueeze(-1)).flatten(-2)
+            return hidden.unsqueeze(-2)
+        if self.pairing is not None:
+            return hidden[..., self.pairing].view(*hidden.shape[:-1], -1, self.rank)
+        return hidden.view(*hidden.shape[:-1], -1, self.rank)

@@ -48,10 +48,12 @@ class SubspaceMixer(TokenSoftmaxRouter):
         self.beta = beta
         self.expert_proj = nn.Parameter(torch.zeros(num_experts * wide_rank, subspace_rank))
 
-    def mix(self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor) -> torch.Tensor:
+    def mix_factors(
+        self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, logits = self.split_scores(hidden, x)
         wide = hidden @ self.expert_proj.T.to(hidden.dtype)
-        return self.weigh_experts(wide, self.expert_weights(x, context, logits).to(x.dtype))
+        return self.expert_components(wide), self.expert_weights(x, context, logits).to(x.dtype)
 
     @torch.no_grad()
     def init_banks(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:

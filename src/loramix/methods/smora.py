@@ -27,7 +27,7 @@ from loramix.context import RoutingContext
 from loramix.gating import token_mask
 from loramix.methods.base import Method, register_method
 from loramix.methods.options import TopKOptions, option
-from loramix.mixers import Mixer, Router
+from loramix.mixers import Mixer, Router, weighted
 
 if TYPE_CHECKING:
     from loramix.config import MixtureConfig
@@ -61,8 +61,13 @@ class RankRouter(Router):
         return self.proj
 
     def mix(self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor) -> torch.Tensor:
+        return weighted(*self.mix_factors(hidden, x, context, lora_A))
+
+    def mix_factors(
+        self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, logits = self.split_scores(hidden, x)
-        return hidden * self.route(x, context, logits)
+        return hidden.unsqueeze(-1), self.route(x, context, logits)  # R groups of one component
 
     def route(self, x: torch.Tensor, context: RoutingContext, logits: torch.Tensor | None = None) -> torch.Tensor:
         """The per-token gate FloatTensor[..., R]; ``logits`` (``W_r x``) are computed here unless given."""
