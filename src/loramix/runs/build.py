@@ -44,7 +44,6 @@ from loramix.runs.runinfo import (
     read_split,
     remove_split,
     run_fingerprint,
-    sha256_file,
     write_split,
 )
 from loramix.runs.settings import RecipeError, StageSettings
@@ -151,7 +150,7 @@ def _source_record(source: SourceSpec, tasks: list[TaskData]) -> dict[str, Any]:
     if source.kind == "jsonl":
         del record["jsonl"]
         record["file"] = str(Path(source.jsonl).resolve())
-        record["sha256"] = sha256_file(source.jsonl)
+        record["sha256"] = assets.sha256_file(source.jsonl)
     else:
         record["sha256"] = examples_sha256(tasks)
     return record

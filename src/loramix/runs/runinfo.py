@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from loramix.assets import sha256_file
 from loramix.data import DataError, Example, Splits, TaskData, TaskSet
 from loramix.methods.base import get_method
 from loramix.runs.settings import RecipeError
@@ -32,15 +33,6 @@ FORMAT = 1
 UNTRACKED_TRAINING = ("log_every", "eval_every", "save_every", "keep_last", "progress_bar", "use_cpu")
 UNTRACKED_TRAINING += ("gradient_checkpointing", "find_unused_parameters")
 SPLIT_NAMES = ("train", "validation", "test")
-
-
-def sha256_file(path: str | Path) -> str:
-    """The hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def examples_sha256(tasks: Iterable[TaskData]) -> str:

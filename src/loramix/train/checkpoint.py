@@ -41,8 +41,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from loramix.assets import sha256_file
 from loramix.model import WEIGHTS_NAME, MixtureModel
-from loramix.runs.runinfo import sha256_file
 
 PREFIX = "checkpoint-"
 STATE_NAME = "trainer_state.json"
