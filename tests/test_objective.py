@@ -23,7 +23,9 @@ from tiny_models import build
 from train_fixtures import torchrun
 
 TESTS = Path(__file__).resolve().parent
-METHODS = ("moelora", "more")
+# a task gate (MOELoRA), MoRE's selector and contrastive loss, a token router folded into the A GEMM (HydraLoRA):
+# each layer's custom autograd functions (stacked projection, weighted up-projection) under DDP and FSDP2
+METHODS = ("moelora", "more", "hydralora")
 STEPS = 3  # as in dist_worker.py
 EXAMPLES = generation_examples(32)
 

@@ -83,7 +83,8 @@ class Mixer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """:meth:`mix` as factors, ``(components [..., G, c], weights [..., G])`` with ``mix`` equal to
         ``weighted(components, weights)`` (G groups of c components, G·c = K_B; components may broadcast
-        over G), or ``None`` where the mix is not such a weighting (the default). Same arguments and side
+        over G, and weights over the tokens), or ``None`` where the mix is not such a weighting (the
+        default; then without side effects, and the caller calls :meth:`mix`). Same arguments and side
         effects as :meth:`mix` (auxiliary losses, records): a caller calls one of the two, once.
 
         A subclass that overrides :meth:`mix` without this method gets the default back.
@@ -200,14 +201,21 @@ class Router(Mixer):
         raise NotImplementedError
 
     def mix(self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor) -> torch.Tensor:
+        return weighted(*self.mix_factors(hidden, x, context, lora_A))
+
+    def mix_factors(
+        self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each column's component (``hidden`` paired, as [..., K_B, 1]) and the gate, per sequence gates
+        shaped [batch, 1, ..., K_B] to broadcast over the tokens (all ones where :meth:`route` gives none)."""
         gate = self.route(x, context)
         if self.pairing is not None:
             hidden = hidden[..., self.pairing]
         if gate is None:
-            return hidden
-        if gate.dim() == 2 and hidden.dim() > 2:
+            gate = hidden.new_ones(hidden.shape[-1])
+        elif gate.dim() == 2 and hidden.dim() > 2:
             gate = gate.view(gate.shape[0], *([1] * (hidden.dim() - 2)), gate.shape[-1])
-        return hidden * gate
+        return hidden.unsqueeze(-1), gate
 
     def task_matrix(self, task: int) -> torch.Tensor:
         gate = self.task_gate(task)
