@@ -60,6 +60,9 @@ def main() -> None:
             "grad_norms": [record["grad_norm"] for record in state.history],
             "weights": {key: value.tolist() for key, value in weights.items()},
             "sharded": model_is_sharded(model),
+            # ZeRO-3 keeps parameters under its persistence threshold whole on every rank
+            "partitioned": sum(getattr(param, "ds_persist", True) is False for param in model.parameters()),
+            "parameters": sum(1 for _ in model.parameters()),
             "world": trainer.accelerator.num_processes,
             "engine": trainer.accelerator.distributed_type.name,
         }

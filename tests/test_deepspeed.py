@@ -54,10 +54,19 @@ def one_batch(tmp_path_factory) -> dict[str, dict]:
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
 def zero_run(request, tmp_path_factory) -> tuple[int, dict, object]:
-    """Both methods under ZeRO-``stage`` on 2 gloo processes with accumulation 2, and a crash + resume run."""
+    """Each method under ZeRO-``stage`` on 2 gloo processes with accumulation 2, and a crash + resume run."""
     stage = request.param
     tmp_path = tmp_path_factory.mktemp(f"zero{stage}")
     env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)}
+    if stage == 3:
+        # ZeRO-3 keeps a parameter below stage3_param_persistence_threshold (10^5 elements by default: every
+        # parameter of the tiny model) whole on every rank; at 0 each one is partitioned, as a large model's are,
+        # so the routers' parameters, read outside their own modules' forward, come from shards
+        config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+        config.update(dict.fromkeys(("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"), "auto"))
+        config.update(dict.fromkeys(("train_batch_size", "gradient_clipping"), "auto"))
+        (tmp_path / "zero3.json").write_text(json.dumps(config))
+        env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(tmp_path / "zero3.json")}
     results = _torchrun(tmp_path, 29530 + stage, env, "--resume-check", "--accumulation=2")
     return stage, results, tmp_path
 
@@ -68,8 +77,10 @@ def test_zero_processes_equal_one_process_with_deepspeed_clipping(zero_run, one_
     for method in METHODS:
         got = results[method]
         assert got["world"] == 2 and got["engine"] == "DEEPSPEED"
-        # ZeRO-3 partitions the parameters themselves (the adapter is gathered); ZeRO-2 keeps them whole
+        # ZeRO-3 partitions the parameters themselves, every one of them here (the adapter is gathered);
+        # ZeRO-2 keeps them whole
         assert got["sharded"] is (stage == 3)
+        assert got["partitioned"] == (got["parameters"] if stage == 3 else 0)
         _assert_same(got, one_batch[method])
         # the logged norm is the one before clipping, as in one process
         assert got["grad_norms"] == pytest.approx(one_batch[method]["grad_norms"], rel=1e-5)
