@@ -10,6 +10,7 @@ from peft import PeftModel
 
 from loramix import ConfigError, MixtureConfig, MixtureLinear, MixtureModel, get_mixture_model
 from tiny_models import ARCHITECTURES, TARGETS, batch, build, randomize_adapters
+from tiny_models import METHOD_SETTINGS as EVERY_METHOD
 
 NUM_TASKS = 3
 # float tolerance for two computations of the same function in a different order (merge, export, batching)
@@ -25,7 +26,8 @@ def make(arch: str, method: str, **overrides) -> tuple[torch.nn.Module, MixtureM
     """A reference copy of the base model and a mixture over another copy."""
     base = build(arch)
     reference = copy.deepcopy(base)
-    settings = {"method": method, "num_tasks": NUM_TASKS, "target_modules": TARGETS[arch], **METHOD_SETTINGS[method]}
+    own = METHOD_SETTINGS.get(method, EVERY_METHOD[method])
+    settings = {"method": method, "num_tasks": NUM_TASKS, "target_modules": TARGETS[arch], **own}
     settings.update(overrides)
     mixture = get_mixture_model(base, MixtureConfig(**settings)).eval()
     return reference, mixture
@@ -257,16 +259,23 @@ def test_aux_losses_are_added_to_the_loss() -> None:
     assert float(weighted["aux_losses"]["probe"]) == 0.5
 
 
-def test_gradient_checkpointing_recomputes_with_the_same_routes() -> None:
-    _, plain = make("llama", "moelora")
-    _, checkpointed = make("llama", "moelora")
+@pytest.mark.parametrize("method", sorted(EVERY_METHOD))
+def test_gradient_checkpointing_recomputes_with_the_same_routes(method: str) -> None:
+    """Recomputing each block in the backward (the layers' custom autograd functions included) gives the
+    loss, auxiliary losses and every gradient of the plain backward."""
+    _, plain = make("llama", method)
+    _, checkpointed = make("llama", method)
     for mixture in (plain, checkpointed):
         randomize_adapters(mixture)
         mixture.train()
     checkpointed.activation_checkpointing_enable()
     inputs = batch("llama")
+    losses = []
     for mixture in (plain, checkpointed):
-        mixture(**inputs, labels=inputs["input_ids"], task_ids=TASKS).loss.backward()
+        loss = mixture(**inputs, labels=inputs["input_ids"], task_ids=TASKS).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], **CLOSE)
     grads = {name: p.grad for name, p in plain.named_parameters() if p.requires_grad}
     for name, param in checkpointed.named_parameters():
         if param.requires_grad:
