@@ -142,7 +142,8 @@ class RankSelectorRouter(Router):
             gates = self.prefix_masks[choice] * straight_through(chosen)
         else:
             gates = probs @ self.prefix_masks
-        return gates * self.component_scaling
+        # component_scaling is all ones without linear scaling: skip the product (and its backward) per layer
+        return gates * self.component_scaling if self.options.linear_scaling else gates
 
     def contrastive_loss(self, x: torch.Tensor, tasks: torch.Tensor, context: RoutingContext) -> torch.Tensor:
         """InfoNCE between pooled sequences and the task embeddings.
