@@ -364,25 +364,19 @@ def saved_bytes(function) -> int:
         {"method": "malora", "r": 3, "num_experts": 4},
         {"method": "smora", "r": 6},
         {"method": "hydralora", "r": 3, "num_experts": 4},
-        {"method": "mode", "r": 3, "num_experts": 4},
-        {"method": "moelora", "r": 3, "num_experts": 4},
-        {"method": "more", "r": 8},
-        {"method": "moa", "r": 3, "num_experts": 3},
     ],
     ids=lambda settings: settings["method"],
 )
 def test_weighted_up_projection_keeps_no_weighted_copy(settings, x) -> None:
-    """Routers give their mix as factors (token routers: expert components and per-token weights; the
-    others: each column and a gate per token or per sequence): the layer weighs and projects up in one step
-    whose backward redoes the weighting, so it keeps one [tokens, K_B] tensor less than mix-then-addmm, with
-    the same output and the same gradients of the input and every parameter."""
+    """Token routers give their mix as factors: the layer weighs and projects up in one step whose backward
+    redoes the weighting, so it keeps one [tokens, K_B] tensor less than mix-then-addmm, with the same
+    output and the same gradients of the input and every parameter."""
     layer, holder = make_layer(**settings)
     layer.train()
     tokens = x.shape[0] * x.shape[1]
-    task_ids = torch.tensor([2, 0])
 
     def composed(inputs):  # what the layer did before: the weighted components, then one addmm
-        context = RoutingContext(task_ids=task_ids)
+        context = RoutingContext()
         with holder.activate(context):
             hidden = layer.router.mix(layer.router.project(inputs, inputs, layer.lora_A), inputs, context, layer.lora_A)
             result = layer.base_layer(inputs)
@@ -396,7 +390,7 @@ def test_weighted_up_projection_keeps_no_weighted_copy(settings, x) -> None:
         layer.zero_grad()
         inputs = x.clone().requires_grad_(True)
         if fused:
-            context = RoutingContext(task_ids=task_ids)
+            context = RoutingContext()
 
             def call(inputs=inputs, context=context):
                 with holder.activate(context):

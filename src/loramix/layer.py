@@ -253,9 +253,8 @@ class WeightedUpProjection(torch.autograd.Function):
     Autograd would keep the weighted components (the addmm's input, a K_B-wide tensor per token) besides
     the components and weights the weighting itself keeps; here the weighting is redone in the backward,
     one elementwise product, for B's gradient. Shapes: result [..., d_out], components [..., G, c] (may
-    broadcast over G), weights [..., G] (may broadcast over the tokens: a gate per sequence), B [d_out, G·c].
-    The backward computes in the gradient's dtype (bf16 under autocast, as autograd would) and returns each
-    gradient in its input's dtype.
+    broadcast over G), weights [..., G], B [d_out, G·c]. The backward computes in the gradient's dtype
+    (bf16 under autocast, as autograd would) and returns each gradient in its input's dtype.
     """
 
     @staticmethod
@@ -280,14 +279,12 @@ class WeightedUpProjection(torch.autograd.Function):
         flat_grad = grad.reshape(-1, grad.shape[-1])
         if needs[1] or needs[2]:
             # d loss / d weighted(components, weights), as [..., G, c]
-            grad_hidden = (flat_grad @ lora_B.to(grad.dtype)).mul_(ctx.scale)
-            grad_hidden = grad_hidden.view(*grad.shape[:-1], weights.shape[-1], -1)
+            grad_hidden = (flat_grad @ lora_B.to(grad.dtype)).mul_(ctx.scale).view(*weights.shape, -1)
             if needs[1]:
                 grad_components = grad_hidden * weights.to(grad.dtype).unsqueeze(-1)
                 grad_components = grad_components.sum_to_size(components.shape).to(components.dtype)
             if needs[2]:
-                grad_weights = (grad_hidden * components.to(grad.dtype)).sum(-1)
-                grad_weights = grad_weights.sum_to_size(weights.shape).to(weights.dtype)
+                grad_weights = (grad_hidden * components.to(grad.dtype)).sum(-1).to(weights.dtype)
         if needs[3]:
             hidden = weighted(components.to(grad.dtype), weights.to(grad.dtype))
             grad_b = (flat_grad.t() @ hidden.reshape(-1, hidden.shape[-1])).mul_(ctx.scale).to(lora_B.dtype)

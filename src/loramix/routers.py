@@ -23,9 +23,6 @@ class ConstantRouter(Router):
     def route(self, x: torch.Tensor, context: RoutingContext) -> None:
         return None
 
-    def mix(self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor) -> torch.Tensor:
-        return hidden  # the identity: nothing to weigh, so no factors either (the up-projection saves hidden alone)
-
     def task_gate(self, task: int) -> torch.Tensor:
         return torch.ones(self.num_components)
 
