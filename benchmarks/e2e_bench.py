@@ -64,7 +64,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from loramix import MixtureConfig, get_mixture_model
+from loramix import MixtureConfig, MixtureLinear, get_mixture_model
 from loramix.assets import smollm2_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -90,10 +90,13 @@ class Variant:
         num_experts: experts (conditional MixLoRA: the size of its factor pools).
         top_k: top-k of token routers, passed as ``method_options["top_k"]`` (``None``: the method's default).
         options: ``method_options`` as (key, value) pairs.
-        groups: the tables it belongs to: ``reference``, ``equal_rank``, ``matched``, ``more_diagnosis``.
+        groups: the tables it belongs to: ``reference``, ``equal_rank``, ``matched``, ``more_diagnosis``,
+            ``factoring``.
         size_by: for ``matched`` variants, the field searched to match the reference's trainable parameters
             (``"r"`` or ``"num_experts"``); ``None`` when the size is given.
         note: what the variant is, for the tables.
+        factored: ``MixtureLinear.factored_up_projection`` of its layers (False: token routers weigh with
+            native ops and keep the weighted copy).
     """
 
     name: str
@@ -106,6 +109,7 @@ class Variant:
     groups: tuple[str, ...] = ()
     size_by: str | None = None
     note: str = ""
+    factored: bool = True
 
     def mixture_config(self) -> MixtureConfig:
         """The loramix config of a ``loramix`` variant."""
@@ -200,6 +204,21 @@ def variants_for(rank: int) -> list[Variant]:
             groups=("more_diagnosis",),
             note="MoRE with candidate ranks 1, 2, 4, ... (a smaller gate)",
         ),
+        # the token routers' factored up-projection (no weighted copy kept) against native ops
+        *(
+            Variant(
+                f"{method}_matched_native",
+                "loramix",
+                method,
+                num_experts=experts,
+                top_k=top_k,
+                groups=("factoring",),
+                size_by="r",
+                note="native weighting, the weighted copy kept (factored_up_projection=False)",
+                factored=False,
+            )
+            for method, experts, top_k in (("mixlora", 8, 2), ("smora", 1, 8))
+        ),
     ]
 
 
@@ -258,7 +277,12 @@ def wrap(model: nn.Module, variant: Variant) -> nn.Module:
         config = LoraConfig(r=variant.r, lora_alpha=2 * variant.r, target_modules="all-linear")
         # keep PEFT's adapter in the model's dtype, as loramix's (PEFT upcasts bf16 adapters by default)
         return get_peft_model(model, config, autocast_adapter_dtype=False)
-    return get_mixture_model(model, variant.mixture_config())
+    mixture = get_mixture_model(model, variant.mixture_config())
+    if not variant.factored:
+        for module in mixture.modules():
+            if isinstance(module, MixtureLinear):
+                module.factored_up_projection = False
+    return mixture
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -502,6 +526,7 @@ def markdown(report: dict) -> str:
         "equal_rank": f"Equal rank (r x experts = {settings['rank']} components)",
         "matched": "Matched trainable parameters",
         "more_diagnosis": f"MoRE R={settings['rank']}: where its time goes",
+        "factoring": "Token routers with native weighting (the matched rows above use the factored up-projection)",
     }
     for group, title in titles.items():
         rows = [row for row in report["variants"] if group in row["groups"]]

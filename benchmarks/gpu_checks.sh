@@ -43,7 +43,8 @@ run_step() {  # run_step NAME SECONDS COMMAND...: time-limited, output and exit 
 run_step tests 150 "$py" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_dtypes.py tests/test_compile.py
 # issue 10.4: E=8, top-2, r 4/8/16, in bf16 as a GPU trains
 run_step topk 120 "$py" benchmarks/topk_bench.py --device cuda --dtype bfloat16 --rounds 5 --out "$out"
-# issue 10.3: the methods the issue names, interleaved, 2 rounds of 3 timed steps
+# issue 10.3: the methods the issue names, interleaved, 2 rounds of 3 timed steps; and MixLoRA with native
+# weighting, whether the factored up-projection (less memory, more Python per layer) pays where launches rule
 run_step e2e 270 "$py" benchmarks/e2e_bench.py --model llama1b --device cuda --rounds 2 --steps 3 \
-    --variants peft_lora,lora,moelora,moa,mixlora_matched,more_matched --out "$out"
+    --variants peft_lora,lora,moelora,moa,mixlora_matched,more_matched,mixlora_matched_native --out "$out"
 tail -n 3 "$log"

@@ -370,7 +370,8 @@ def saved_bytes(function) -> int:
 def test_weighted_up_projection_keeps_no_weighted_copy(settings, x) -> None:
     """Token routers give their mix as factors: the layer weighs and projects up in one step whose backward
     redoes the weighting, so it keeps one [tokens, K_B] tensor less than mix-then-addmm, with the same
-    output and the same gradients of the input and every parameter."""
+    output and the same gradients of the input and every parameter; ``factored_up_projection = False``
+    is mix-then-addmm."""
     layer, holder = make_layer(**settings)
     layer.train()
     tokens = x.shape[0] * x.shape[1]
@@ -386,10 +387,11 @@ def test_weighted_up_projection_keeps_no_weighted_copy(settings, x) -> None:
         return flat.view(result.shape), context
 
     outputs, grads, kept = [], [], []
-    for fused in (True, False):
+    for mode in ("factored", "composed", "native"):
         layer.zero_grad()
+        layer.factored_up_projection = mode == "factored"
         inputs = x.clone().requires_grad_(True)
-        if fused:
+        if mode != "composed":
             context = RoutingContext()
 
             def call(inputs=inputs, context=context):
@@ -406,8 +408,11 @@ def test_weighted_up_projection_keeps_no_weighted_copy(settings, x) -> None:
         grads.append(
             {"x": inputs.grad, **{n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}}
         )
-    torch.testing.assert_close(outputs[0], outputs[1])
-    assert grads[0].keys() == grads[1].keys() and {"x", "lora_A", "lora_B"} <= grads[0].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+    assert {"x", "lora_A", "lora_B"} <= grads[0].keys()
+    for other in (1, 2):
+        torch.testing.assert_close(outputs[0], outputs[other])
+        assert grads[0].keys() == grads[other].keys()
+        for name in grads[0]:
+            torch.testing.assert_close(grads[0][name], grads[other][name], msg=name)
     assert kept[1] - kept[0] == tokens * layer.lora_B.shape[1] * 4  # the weighted copy, float32
+    assert kept[2] == kept[1]  # factored_up_projection=False is mix-then-addmm

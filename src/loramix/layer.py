@@ -56,7 +56,15 @@ class MixtureLinear(nn.Module):
 
     Raises:
         ConfigError: the method's bank blocks do not divide the layer's dimensions.
+
+    Attributes:
+        factored_up_projection: where the mixer gives its mix as factors (token routers), weigh and project up
+            in one autograd function that keeps no [tokens, K_B] weighted copy for the backward (True, the
+            default); False uses native ops, keeping the copy but fewer Python-level calls per step (set it on
+            the class or a layer to compare where per-op overhead rules, as ``benchmarks/e2e_bench.py`` does).
     """
+
+    factored_up_projection: bool = True
 
     def __init__(
         self, base_layer: nn.Module, config: MixtureConfig, method: type[Method], holder: ContextHolder, name: str
@@ -159,7 +167,7 @@ class MixtureLinear(nn.Module):
             hidden = self.router.mix(self._down_blocks(dropped), x, routing, self.lora_A)
             return result + (self._up_blocks(hidden) * self.scale).to(result.dtype)
         projected = self.router.project(dropped, x, self.lora_A)
-        factors = self.router.mix_factors(projected, x, routing, self.lora_A)
+        factors = self.router.mix_factors(projected, x, routing, self.lora_A) if self.factored_up_projection else None
         if factors is None:
             hidden = self.router.mix(projected, x, routing, self.lora_A)
         elif torch.promote_types(factors[0].dtype, factors[1].dtype) == result.dtype:
