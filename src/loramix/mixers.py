@@ -202,7 +202,7 @@ class Router(Mixer):
     def mix(self, hidden: torch.Tensor, x: torch.Tensor, context: RoutingContext, lora_A: torch.Tensor) -> torch.Tensor:
         # Not given as factors (mix_factors): the up-projection keeps the gated [tokens, K_B] copy. Factoring it
         # saved 13 MiB of 859 on SmolLM2 (MOELoRA, batch 4 x 128) but made a step where per-op overhead rules
-        # 10-30% slower (e2e_bench --quick: per-task LoRA, MOELoRA, MoA), the regime of a GPU's launches.
+        # 12-22% slower (e2e_bench --quick: per-task LoRA, MOELoRA, MoA), the regime of a GPU's launches.
         gate = self.route(x, context)
         if self.pairing is not None:
             hidden = hidden[..., self.pairing]
