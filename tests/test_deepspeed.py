@@ -62,9 +62,11 @@ def zero_run(request, tmp_path_factory) -> tuple[int, dict, object]:
         # ZeRO-3 keeps a parameter below stage3_param_persistence_threshold (10^5 elements by default: every
         # parameter of the tiny model) whole on every rank; at 0 each one is partitioned, as a large model's are,
         # so the routers' parameters, read outside their own modules' forward, come from shards
-        config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-        config.update(dict.fromkeys(("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"), "auto"))
-        config.update(dict.fromkeys(("train_batch_size", "gradient_clipping"), "auto"))
+        recipe_keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+        config = {
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            **dict.fromkeys((*recipe_keys, "gradient_clipping"), "auto"),  # the recipe decides them
+        }
         (tmp_path / "zero3.json").write_text(json.dumps(config))
         env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(tmp_path / "zero3.json")}
     results = _torchrun(tmp_path, 29530 + stage, env, "--resume-check", "--accumulation=2")
